@@ -1,0 +1,1 @@
+"""Registries, retrieval metrics and the code store shared by every layer."""

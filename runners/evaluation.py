@@ -1,0 +1,110 @@
+"""Encoding feature sets into codes and scoring queries against stored codes.
+
+Shared by the continual runner, the checkpoint evaluator and the search command, so
+every path encodes and scores the same way.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from common.calc_utils import calc_map_k
+from common.code_store import CodeStore, StoredCodes
+from dataset.feature_set import FeatureSet
+from models.base import HashModel, sign_codes
+
+DIRECTIONS = ("i2t", "t2i")
+
+
+@torch.no_grad()
+def encode_features(
+    model: HashModel, features: FeatureSet, modality: str, task_index: Optional[int], batch_size: int = 4096
+) -> torch.Tensor:
+    """Continuous codes (N, bits) of one modality of ``features``, in eval mode, in chunks."""
+    was_training = model.training
+    model.eval()
+    data = features.image if modality == "image" else features.text
+    layers = features.image_layers if modality == "image" else features.text_layers
+    encode = model.encode_image if modality == "image" else model.encode_text
+    out = []
+    for start in range(0, len(features), batch_size):
+        sl = slice(start, start + batch_size)
+        out.append(encode(data[sl], task_index, None if layers is None else layers[sl]))
+    model.train(was_training)
+    if not out:
+        return torch.empty(0, model.bits, device=data.device)
+    return torch.cat(out)
+
+
+def encode_codes(
+    model: HashModel, features: FeatureSet, task_index: Optional[int], batch_size: int = 4096
+) -> Dict[str, torch.Tensor]:
+    """{-1,+1} int8 codes of both modalities: ``{"image": ..., "text": ...}``."""
+    return {
+        m: sign_codes(encode_features(model, features, m, task_index, batch_size)) for m in ("image", "text")
+    }
+
+
+def score_directions(
+    query_codes: Dict[str, torch.Tensor],
+    query_labels: torch.Tensor,
+    entries: Sequence[StoredCodes],
+    topk: Optional[int] = None,
+) -> Dict[str, float]:
+    """mAP of image queries against stored text codes (i2t) and text queries against
+    stored image codes (t2i), over the union of ``entries`` with prefix truncation."""
+    labels = [torch.from_numpy(e.labels) for e in entries]
+    q_labels = query_labels.detach().cpu()
+    out = {}
+    for direction, q_mod, db_mod in (("i2t", "image", "text"), ("t2i", "text", "image")):
+        segments = [e.codes(db_mod) for e in entries]
+        q = query_codes[q_mod].detach().cpu()
+        if len(segments) == 1 and segments[0].shape[1] == q.shape[1]:
+            out[direction] = float(calc_map_k(q, segments[0], q_labels, labels[0], k=topk))
+        else:
+            out[direction] = float(calc_map_k(q, segments, q_labels, labels, k=topk))
+    return out
+
+
+def score_against_store(
+    model: HashModel,
+    queries: FeatureSet,
+    query_task: Optional[int],
+    store: CodeStore,
+    db_tasks: Sequence[int],
+    topk: Optional[int] = None,
+    batch_size: int = 4096,
+) -> Dict[str, float]:
+    """Encode ``queries`` (as task ``query_task``; None = task-agnostic) and score them
+    against the stored codes of ``db_tasks``."""
+    codes = encode_codes(model, queries, query_task, batch_size)
+    return score_directions(codes, queries.labels, store.entries(db_tasks), topk)
+
+
+def score_bit_prefixes(
+    query_codes: Dict[str, torch.Tensor],
+    query_labels: torch.Tensor,
+    entries: Sequence[StoredCodes],
+    order: torch.Tensor,
+    lengths: Sequence[int],
+    topk: Optional[int] = None,
+) -> Dict[str, Dict[str, float]]:
+    """mAP when every code keeps only the bits ``order[:b]`` for each b in ``lengths``
+    (bit-scalable evaluation: the same model, shorter codes, no retraining)."""
+    out: Dict[str, Dict[str, float]] = {}
+    full = {m: [e.codes(m) for e in entries] for m in ("image", "text")}
+    labels = torch.cat([torch.from_numpy(e.labels) for e in entries])
+    for b in lengths:
+        cols = order[:b].cpu()
+        q = {m: c.detach().cpu()[:, cols] for m, c in query_codes.items()}
+        db = {m: torch.cat([s[:, cols] for s in segs]) for m, segs in full.items()}
+        out[str(b)] = {
+            "i2t": float(calc_map_k(q["image"], db["text"], query_labels.cpu(), labels, k=topk)),
+            "t2i": float(calc_map_k(q["text"], db["image"], query_labels.cpu(), labels, k=topk)),
+        }
+    return out
+
+
+def empty_matrix(n: int) -> List[List[Optional[float]]]:
+    return [[None] * n for _ in range(n)]

@@ -1,0 +1,69 @@
+"""Optimisers and learning-rate schedules, registered in OPTIMIZERS.
+
+An optimiser entry takes ``params`` (a list of parameter groups) plus its config
+kwargs. A schedule entry takes the optimiser, the task's ``total_steps`` and
+``steps_per_epoch`` plus its kwargs, and is stepped once per optimiser step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Sequence
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from common.register import OPTIMIZERS
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(params: Sequence[Dict[str, Any]], lr: float = 1e-3, weight_decay: float = 0.01,
+          betas: List[float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+
+
+@OPTIMIZERS.register("adam")
+def adam(params: Sequence[Dict[str, Any]], lr: float = 1e-3, weight_decay: float = 0.0,
+         betas: List[float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+    """Adam (L2 weight decay added to the gradient)."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(params: Sequence[Dict[str, Any]], lr: float = 1e-2, momentum: float = 0.0,
+        weight_decay: float = 0.0, nesterov: bool = False) -> torch.optim.Optimizer:
+    """SGD with optional (Nesterov) momentum."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+
+
+@OPTIMIZERS.register("constant")
+def constant(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int) -> LambdaLR:
+    """No schedule: the configured learning rate throughout."""
+    return LambdaLR(optimizer, lambda step: 1.0)
+
+
+@OPTIMIZERS.register("exponential")
+def exponential(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
+                gamma: float = 0.99) -> LambdaLR:
+    """lr * gamma^epoch (CASH's ExponentialLR per epoch, applied at epoch boundaries)."""
+    per_epoch = max(1, int(steps_per_epoch))
+    return LambdaLR(optimizer, lambda step: gamma ** (step // per_epoch))
+
+
+@OPTIMIZERS.register("warmup_cosine")
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
+                  warmup: float = 0.1, min_ratio: float = 0.0) -> LambdaLR:
+    """Linear warm-up over the first ``warmup`` fraction of steps, then cosine decay to
+    ``min_ratio * lr`` (the BertAdam-style schedule of DCMHT / DSPH, per task)."""
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup}")
+    total = max(1, int(total_steps))
+    warm = int(round(warmup * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,141 @@
+"""Everything a run writes under its output directory, each file written atomically.
+
+Layout: ``config.yaml`` (resolved), ``train.log``, ``tensorboard/``,
+``checkpoints/task_<t>.pt`` (the model after task t), ``checkpoints/last.pt`` (what
+``--resume`` needs), ``codes.npz`` (the stored database codes), ``results.json`` and
+``results.csv``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from common.code_store import CodeStore
+from models.base import HashModel
+from utils.config import dump_config
+from utils.errors import ConfigError, DataError
+from utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from utils.logging import close_logger, run_logger
+
+STALE = ("results.json", "results.csv", "codes.npz", "train.log", "checkpoints", "tensorboard")
+
+
+class RunOutput:
+    """The output directory of one run (see the module docstring)."""
+
+    def __init__(self, root: str | Path, config: Dict[str, Any], tensorboard: bool = True, quiet: bool = False) -> None:
+        self.root = Path(root)
+        self.config = config
+        self.use_tensorboard = tensorboard
+        self.quiet = quiet
+        self.logger: logging.Logger = run_logger(None, quiet=quiet)
+        self._writer = None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    def load_resume_state(self) -> Optional[Dict[str, Any]]:
+        """The state saved after the last finished task, or None when there is none."""
+        path = self.checkpoint_dir / "last.pt"
+        if not path.is_file():
+            self.logger.info(f"--resume: no checkpoint in {self.checkpoint_dir}; starting from the first task")
+            return None
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a truncated or foreign file
+            raise DataError(f"{path}: cannot read the resume checkpoint ({type(exc).__name__}); delete it to start again") from None
+        if ckpt.get("config") != self.config:
+            diff = _first_difference(ckpt.get("config"), self.config)
+            raise ConfigError(
+                f"{path}: this run was made with a different config ({diff}); use another --output-dir or the same config"
+            )
+        return ckpt
+
+    def prepare(self, resume: bool) -> None:
+        """Create the directory; a fresh (not resumed) run clears a previous run's files."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for name in STALE:
+                p = self.root / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        atomic_write_text(self.root / "config.yaml", dump_config(self.config))
+        self.logger = run_logger(self.root / "train.log", quiet=self.quiet)
+        if self.use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only runs need it
+
+            self._writer = SummaryWriter(log_dir=str(self.root / "tensorboard"))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self._writer is not None:
+            self._writer.add_scalar(tag, value, step)
+
+    def save_task(
+        self, t: int, model: HashModel, store: CodeStore, state: Dict[str, Any], keep: bool, last: bool
+    ) -> None:
+        """After task t: checkpoint, codes, results; the resume state is written last so
+        an interruption anywhere leaves a consistent earlier state."""
+        if last:
+            state["status"] = "finished"
+        model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if keep:
+            atomic_torch_save(
+                self.checkpoint_dir / f"task_{t + 1}.pt",
+                {"task": t + 1, "structure": model.structure(), "model": model_state, "config": self.config,
+                 "dims": state["dims"]},
+            )
+        store.save(self.root / "codes.npz")
+        write_results(self.root, state)
+        atomic_torch_save(
+            self.checkpoint_dir / "last.pt",
+            {
+                "next_task": t + 1, "structure": model.structure(), "model": model_state,
+                "store": store.state(), "results": state, "config": self.config, "dims": state["dims"],
+            },
+        )
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        close_logger(self.logger)
+
+
+def write_results(root: Path, state: Dict[str, Any]) -> None:
+    """``results.json`` (everything) and ``results.csv`` (the matrices, one row per
+    training step and direction, with the row average and the task-agnostic column)."""
+    atomic_write_json(root / "results.json", state)
+    T = state["tasks"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["direction", "after_task", "bits"] + [f"task_{j + 1}" for j in range(T)] + ["average", "task_agnostic"])
+    for d in ("i2t", "t2i"):
+        for t, row in enumerate(state["map"][d]):
+            if t >= state["completed_tasks"]:
+                break
+            seen = [v for v in row[: t + 1] if v is not None]
+            agn = state["task_agnostic"][d][t] if t < len(state["task_agnostic"][d]) else ""
+            writer.writerow(
+                [d, t + 1, state["bits"][t]] + ["" if v is None else f"{v:.6f}" for v in row]
+                + [f"{sum(seen) / len(seen):.6f}" if seen else "", "" if agn == "" else f"{agn:.6f}"]
+            )
+    atomic_write_text(root / "results.csv", buf.getvalue())
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+    return f"{path or 'config'}: {a!r} then, {b!r} now"

@@ -1,0 +1,39 @@
+"""Packaging: ``pip install -e ".[dev]"`` installs the library, its command and the test tools."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ccmh",
+    version="0.1.0",
+    description="Continual cross-modal hashing: CASH, PBEH, CAGMH, SCAHN, DCMHT and DSPH on shared CLIP "
+                "features, with one runner, one metric module and servable binary indexes",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["common", "common.*", "dataset", "dataset.*", "models", "models.*",
+                                    "runners", "runners.*", "utils", "utils.*"]),
+    py_modules=["main"],
+    # torch and torchvision are left unpinned on purpose so pip resolves a matching pair
+    # (open_clip imports torchvision; a lone CPU-only torch wheel breaks that import).
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        "open_clip_torch>=2.24",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "pyyaml>=6.0",
+        "h5py>=3.8",
+        "tqdm>=4.60",
+        "tensorboard>=2.12",
+        "matplotlib>=3.7",
+        "pillow>=9.0",
+        "faiss-cpu>=1.7.4",
+    ],
+    extras_require={"dev": ["pytest>=7.0"]},
+    entry_points={"console_scripts": ["ccmh=main:main"]},
+    license="MIT",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,150 @@
+"""The continual runner end to end on small synthetic streams: outputs, determinism,
+resume, joint training, and that DSPH learns (beats its untrained self and chance)."""
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import main  # noqa: F401  (fills the registries)
+from common.code_store import CodeStore
+from runners import continual
+from runners.experiment import format_results, load_run, run_config
+from runners.evaluation import score_against_store
+from utils.config import validate_config
+
+BASE = {
+    "dataset": {"name": "synthetic", "num_classes": 24, "num_tasks": 3, "image_dim": 32, "text_dim": 24,
+                "query_size": 24, "train_size": 120, "database_size": 160, "max_labels": 2, "noise": 0.3,
+                "seed": 3},
+    "model": {"name": "DSPH", "bits": 16},
+    "optimizer": {"name": "adamw", "lr": 1.0e-2},
+    "scheduler": {"name": "warmup_cosine", "warmup": 0.1},
+    "runner": {"name": "continual", "epochs": 10, "batch_size": 32, "seed": 7, "progress": False, "tensorboard": False},
+}
+
+
+def cfg(**runner):
+    c = copy.deepcopy(BASE)
+    c["runner"].update(runner)
+    validate_config(c)
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    return out, run_config(cfg(), out, quiet=True)
+
+
+def test_outputs_and_results_shape(trained):
+    out, res = trained
+    for name in ("config.yaml", "train.log", "results.json", "results.csv", "codes.npz",
+                 "checkpoints/last.pt", "checkpoints/task_1.pt", "checkpoints/task_3.pt"):
+        assert (out / name).exists(), name
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["status"] == "finished" and on_disk["method"] == "DSPH" and on_disk["tasks"] == 3
+    assert on_disk["metric"] == "mAP@all" and on_disk["bits"] == [16, 16, 16]
+    for d in ("i2t", "t2i"):
+        m = on_disk["map"][d]
+        for t in range(3):
+            for j in range(3):
+                assert (m[t][j] is None) == (j > t)
+                if j <= t:
+                    assert 0.0 <= m[t][j] <= 1.0
+        assert len(on_disk["task_agnostic"][d]) == 3
+        assert set(on_disk["summary"][d]) >= {"acc", "bwt", "forgetting", "avg_incremental", "fwt"}
+        assert on_disk["summary"][d]["acc"] == pytest.approx(np.mean(m[2]), abs=1e-6)
+    assert on_disk["timing"]["train_seconds"] > 0
+    rows = (out / "results.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("direction,after_task,bits,task_1,task_2,task_3,average,task_agnostic")
+    assert len(rows) == 1 + 2 * 3
+    store = CodeStore.load(out / "codes.npz")
+    assert store.tasks() == [0, 1, 2] and set(store.bits().values()) == {16}
+    assert "task 3" in format_results(on_disk)
+
+
+def test_stored_codes_are_written_once(trained):
+    """Task 1's database codes after task 3 are the ones written after task 1."""
+    out, _ = trained
+    first = torch.load(out / "checkpoints" / "task_1.pt", weights_only=False)
+    run = load_run(out, task=1)
+    assert run.task == 1 and run.store.tasks() == [0]
+    final = CodeStore.load(out / "codes.npz")
+    assert np.array_equal(final.get(0).image, run.store.get(0).image)
+    assert first["task"] == 1
+
+
+def test_trained_beats_untrained_and_chance(trained, tmp_path):
+    _, res = trained
+    untrained = run_config(cfg(epochs=0), tmp_path / "untrained", quiet=True)
+    for d in ("i2t", "t2i"):
+        assert res["summary"][d]["acc"] > untrained["summary"][d]["acc"] + 0.1, d
+        # forward transfer is exactly zero when nothing is trained
+        assert untrained["summary"][d]["fwt"] == pytest.approx(0.0, abs=1e-9)
+    # chance: the fraction of relevant database items for a random ranking
+    stream = main.DATASETS.get("synthetic")(**{k: v for k, v in BASE["dataset"].items() if k != "name"}).load()
+    last = stream.tasks[-1]
+    density = float(((last.query.labels @ last.database.labels.t()) > 0).float().mean())
+    assert res["map"]["i2t"][2][2] > density + 0.2
+
+
+def test_same_seed_same_numbers_and_codes(trained, tmp_path):
+    out, res = trained
+    again = run_config(cfg(), tmp_path / "again", quiet=True)
+    assert again["map"] == res["map"] and again["task_agnostic"] == res["task_agnostic"]
+    a, b = CodeStore.load(out / "codes.npz"), CodeStore.load(tmp_path / "again" / "codes.npz")
+    assert all(np.array_equal(a.get(t).image, b.get(t).image) for t in a.tasks())
+    other = run_config(cfg(seed=8), tmp_path / "other", quiet=True)
+    assert other["map"] != res["map"]
+
+
+def test_resume_after_interruption_equals_uninterrupted(trained, tmp_path, monkeypatch):
+    _, res = trained
+    real = continual.ContinualRunner._evaluate_after
+    state = {"raised": False}
+
+    def interrupt_in_task_2(self, model, tasks, t, *args):
+        if t == 1 and not state["raised"]:
+            state["raised"] = True
+            raise KeyboardInterrupt
+        return real(self, model, tasks, t, *args)
+
+    monkeypatch.setattr(continual.ContinualRunner, "_evaluate_after", interrupt_in_task_2)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run_config(cfg(), out, quiet=True)
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["status"] == "running" and partial["completed_tasks"] == 1
+    resumed = run_config(cfg(), out, resume=True, quiet=True)
+    assert resumed["map"] == res["map"]
+    assert resumed["summary"] == res["summary"]
+    assert resumed["task_agnostic"] == res["task_agnostic"]
+
+
+def test_resume_refuses_a_different_config(trained):
+    out, _ = trained
+    from utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="different config"):
+        run_config(cfg(epochs=3), out, resume=True, quiet=True)
+
+
+def test_joint_mode_reencodes_every_database(tmp_path):
+    res = run_config(cfg(mode="joint", epochs=4), tmp_path / "joint", quiet=True)
+    assert res["mode"] == "joint" and res["untrained"] is None
+    run = load_run(tmp_path / "joint")
+    stream = main.DATASETS.get("synthetic")(**{k: v for k, v in BASE["dataset"].items() if k != "name"}).load()
+    # in joint mode the stored codes of task 1 are those of the final model
+    scores = score_against_store(run.model, stream.tasks[0].query, 0, run.store, [0])
+    assert scores["i2t"] == pytest.approx(res["map"]["i2t"][2][0], abs=1e-6)
+
+
+def test_loaded_model_reproduces_the_last_row(trained):
+    out, res = trained
+    run = load_run(out)
+    stream = main.DATASETS.get("synthetic")(**{k: v for k, v in BASE["dataset"].items() if k != "name"}).load()
+    for j in range(3):
+        s = score_against_store(run.model, stream.tasks[j].query, j, run.store, [j])
+        assert s["t2i"] == pytest.approx(res["map"]["t2i"][2][j], abs=1e-6)

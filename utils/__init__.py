@@ -1,0 +1,1 @@
+"""Config loading and overrides, logging, seeding, atomic output, user-facing errors."""
