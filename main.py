@@ -8,6 +8,7 @@ every registry and runs nothing.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -51,8 +52,9 @@ def run_train(args: argparse.Namespace) -> int:
         config["runner"]["progress"] = False
     out = Path(args.output_dir) if args.output_dir else default_output_dir(args.config_file)
     results = run_config(config, out, resume=args.resume, quiet=args.quiet)
-    print(format_results(results))
-    print(f"\nresults: {out / 'results.json'}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+        print(format_results(results))
+        print(f"\nresults: {out / 'results.json'}")
     return 0
 
 

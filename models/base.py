@@ -109,6 +109,13 @@ class HashModel(nn.Module):
         """Continuous codes (B, bits) for text features; see ``encode_image``."""
         raise NotImplementedError
 
+    def train_buffers(self) -> List[torch.Tensor]:
+        """Tensors whose first axis indexes the current task's train split and whose
+        rows ``loss`` overwrites for the batch (e.g. continuous codes of every train
+        sample). Under data-parallel training each process writes only its share of
+        the batch; the runner copies every share to every process after each step."""
+        return []
+
     def bit_significance(self) -> Optional[torch.Tensor]:
         """Per-bit significance (bits,), larger = more important, or None.
 

@@ -29,6 +29,7 @@ from runners.evaluation import (
 )
 from runners.outputs import RunOutput
 from utils.errors import ConfigError
+from utils.distributed import DistContext, init_distributed, shutdown, sync_rows
 from utils.seed import resolve_device, seed_everything, task_seed
 
 ModelFactory = Callable[[], HashModel]
@@ -91,6 +92,7 @@ class ContinualRunner:
         self.tensorboard = tensorboard
         self.progress = progress
         self.num_threads = num_threads
+        self._dist = DistContext()  # set by run() from the torchrun environment
 
     @property
     def metric_name(self) -> str:
@@ -108,7 +110,15 @@ class ContinualRunner:
     ) -> Dict[str, Any]:
         """Train and evaluate over ``stream``; returns the results dict (also written).
         ``method`` names the model in the results (the config's ``model.name``)."""
-        device = resolve_device(self.device_name)
+        self._dist, device = init_distributed(resolve_device(self.device_name))
+        try:
+            return self._run(stream, model_factory, optim, output, resume, method, device)
+        finally:
+            shutdown(self._dist)
+
+    def _run(self, stream, model_factory, optim, output, resume, method, device) -> Dict[str, Any]:
+        if not self._dist.is_main:
+            output.enabled = False  # only rank 0 writes logs, TensorBoard, checkpoints and results
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
         seed_everything(self.seed)
@@ -128,7 +138,8 @@ class ContinualRunner:
         output.prepare(resume=resume and start > 0)
         log = output.logger
         log.info(f"{state['method']} on {stream.name}: {T} task(s), device {device}, mode {self.mode}, "
-                 f"seed {self.seed}" + (f", resuming at task {start + 1}" if start else ""))
+                 f"seed {self.seed}" + (f", resuming at task {start + 1}" if start else "")
+                 + (f", {self._dist.world_size} processes" if self._dist.enabled else ""))
         for line in stream.describe():
             log.info("  " + line)
         model.to(device)
@@ -186,7 +197,9 @@ class ContinualRunner:
         if self.epochs == 0:
             return {"best_epoch": None, "best_score": None, "history": history}
         gen = torch.Generator().manual_seed(task_seed(self.seed, t))
-        bar = tqdm(range(self.epochs), desc=f"task {t + 1}", disable=not self.progress, leave=False, dynamic_ncols=True)
+        bar = tqdm(range(self.epochs), desc=f"task {t + 1}", disable=not (self.progress and self._dist.is_main),
+                   leave=False, dynamic_ncols=True)
+        train_module = self._parallel(model)
         step = 0
         for epoch in bar:
             model.begin_epoch(task, task_index, epoch)
@@ -197,8 +210,11 @@ class ContinualRunner:
                 chunks.pop()
             sums: Dict[str, float] = {}
             for idx in chunks:
-                batch = self._batch(task.train, idx)
-                losses = model(batch, task_index)
+                # Under data parallelism every rank draws the same permutation and takes
+                # its slice of each global batch; DDP averages the gradients.
+                local = idx.tensor_split(self._dist.world_size)[self._dist.rank] if self._dist.enabled else idx
+                batch = self._batch(task.train, local)
+                losses = train_module(batch, task_index)
                 total = losses["loss"]
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"task {t + 1} epoch {epoch + 1}: loss is {total.item()} (not finite)")
@@ -211,6 +227,8 @@ class ContinualRunner:
                     opt.step()
                 if scheduler is not None:
                     scheduler.step()
+                for buffer in model.train_buffers():
+                    sync_rows(buffer, idx, self._dist)
                 step += 1
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -239,6 +257,15 @@ class ContinualRunner:
             + (f" (val {self.metric_name} {best_score:.4f})" if best_score not in (None, -math.inf) else "")
         )
         return {"best_epoch": best_epoch + 1, "best_score": best_score, "history": history}
+
+    def _parallel(self, model: HashModel) -> torch.nn.Module:
+        """The module the training step calls: DDP around the model under torchrun."""
+        if not self._dist.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self._dist.local_rank] if next(model.parameters()).is_cuda else None
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
     def _build_optimizers(self, model: HashModel, task_index: int, optim: OptimSpec, steps_per_epoch: int):
         """The main optimiser over groups without their own ``optimizer`` block, one
@@ -286,8 +313,8 @@ class ContinualRunner:
 
     def _validate(self, model: HashModel, task: Task, task_index: int) -> float:
         """Mean of both directions' mAP: val queries against the task's train split."""
-        q = encode_codes(model, task.val, task_index, self.eval_batch_size)
-        db = encode_codes(model, task.train, task_index, self.eval_batch_size)
+        q = encode_codes(model, task.val, task_index, self.eval_batch_size, self._dist)
+        db = encode_codes(model, task.train, task_index, self.eval_batch_size, self._dist)
         ql, dl = task.val.labels.cpu(), task.train.labels.cpu()
         i2t = calc_map_k(q["image"].cpu(), db["text"].cpu(), ql, dl, k=self.topk)
         t2i = calc_map_k(q["text"].cpu(), db["image"].cpu(), ql, dl, k=self.topk)
@@ -316,24 +343,24 @@ class ContinualRunner:
         to_encode = range(t + 1) if self.mode == "joint" else [t]
         for j in to_encode:
             db = tasks[j].database
-            codes = encode_codes(model, db, code_task if self.mode == "joint" else j, self.eval_batch_size)
+            codes = encode_codes(model, db, code_task if self.mode == "joint" else j, self.eval_batch_size, self._dist)
             store.add(j, codes["image"], codes["text"], db.labels, db.ids)
         for j in range(t + 1):
             q_task = code_task if self.mode == "joint" else j
-            scores = score_against_store(model, tasks[j].query, q_task, store, [j], self.topk, self.eval_batch_size)
+            scores = score_against_store(model, tasks[j].query, q_task, store, [j], self.topk, self.eval_batch_size, self._dist)
             for d in ("i2t", "t2i"):
                 state["map"][d][t][j] = round(scores[d], 6)
         if self.task_agnostic:
             queries = FeatureSet.concat([tasks[j].query for j in range(t + 1)])
-            scores = score_against_store(model, queries, None, store, list(range(t + 1)), self.topk, self.eval_batch_size)
+            scores = score_against_store(model, queries, None, store, list(range(t + 1)), self.topk, self.eval_batch_size, self._dist)
             for d in ("i2t", "t2i"):
                 state["task_agnostic"][d].append(round(scores[d], 6))
         if self.forward_transfer and self.mode == "continual" and t + 1 < len(tasks):
             # Score the next, unseen task with the current model (its database encoded
             # on the fly, not stored): the R[t, t+1] entry that forward transfer needs.
             nxt = tasks[t + 1]
-            db = encode_codes(model, nxt.database, t, self.eval_batch_size)
-            q = encode_codes(model, nxt.query, t, self.eval_batch_size)
+            db = encode_codes(model, nxt.database, t, self.eval_batch_size, self._dist)
+            q = encode_codes(model, nxt.query, t, self.eval_batch_size, self._dist)
             tmp = CodeStore()
             tmp.add(t + 1, db["image"], db["text"], nxt.database.labels)
             scores = score_directions(q, nxt.query.labels, tmp.entries(), self.topk)
@@ -352,9 +379,9 @@ class ContinualRunner:
             fresh.to(device)
             for task in tasks:
                 tmp = CodeStore()
-                db = encode_codes(fresh, task.database, 0, self.eval_batch_size)
+                db = encode_codes(fresh, task.database, 0, self.eval_batch_size, self._dist)
                 tmp.add(task.index, db["image"], db["text"], task.database.labels)
-                scores = score_against_store(fresh, task.query, 0, tmp, [task.index], self.topk, self.eval_batch_size)
+                scores = score_against_store(fresh, task.query, 0, tmp, [task.index], self.topk, self.eval_batch_size, self._dist)
                 for d in out:
                     out[d].append(round(scores[d], 6))
         return out
@@ -371,7 +398,7 @@ class ContinualRunner:
         lengths = sorted({b for b in self.scalable_bits if b < model.bits} | {model.bits})
         order = torch.argsort(significance.detach().float().cpu(), descending=True, stable=True)
         queries = FeatureSet.concat([task.query for task in tasks])
-        q = encode_codes(model, queries, None, self.eval_batch_size)
+        q = encode_codes(model, queries, None, self.eval_batch_size, self._dist)
         state["bit_order"] = order.tolist()
         state["bit_scalable"] = {
             k: {d: round(v, 6) for d, v in s.items()}

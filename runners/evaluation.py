@@ -13,36 +13,43 @@ from common.calc_utils import calc_map_k
 from common.code_store import CodeStore, StoredCodes
 from dataset.feature_set import FeatureSet
 from models.base import HashModel, sign_codes
+from utils.distributed import DistContext, gather_rows, shard_bounds
+
+SINGLE = DistContext()
 
 DIRECTIONS = ("i2t", "t2i")
 
 
 @torch.no_grad()
 def encode_features(
-    model: HashModel, features: FeatureSet, modality: str, task_index: Optional[int], batch_size: int = 4096
+    model: HashModel, features: FeatureSet, modality: str, task_index: Optional[int], batch_size: int = 4096,
+    dist: DistContext = SINGLE,
 ) -> torch.Tensor:
-    """Continuous codes (N, bits) of one modality of ``features``, in eval mode, in chunks."""
+    """Continuous codes (N, bits) of one modality of ``features``, in eval mode, in chunks.
+    Under data parallelism each rank encodes a contiguous shard and the shards are
+    gathered back in order, so every rank holds all N rows exactly once."""
     was_training = model.training
     model.eval()
     data = features.image if modality == "image" else features.text
     layers = features.image_layers if modality == "image" else features.text_layers
     encode = model.encode_image if modality == "image" else model.encode_text
+    lo, hi = shard_bounds(len(features), dist)
     out = []
-    for start in range(0, len(features), batch_size):
-        sl = slice(start, start + batch_size)
+    for start in range(lo, hi, batch_size):
+        sl = slice(start, min(start + batch_size, hi))
         out.append(encode(data[sl], task_index, None if layers is None else layers[sl]))
     model.train(was_training)
-    if not out:
-        return torch.empty(0, model.bits, device=data.device)
-    return torch.cat(out)
+    local = torch.cat(out) if out else torch.empty(0, model.bits, device=data.device)
+    return gather_rows(local, len(features), dist)
 
 
 def encode_codes(
-    model: HashModel, features: FeatureSet, task_index: Optional[int], batch_size: int = 4096
+    model: HashModel, features: FeatureSet, task_index: Optional[int], batch_size: int = 4096,
+    dist: DistContext = SINGLE,
 ) -> Dict[str, torch.Tensor]:
     """{-1,+1} int8 codes of both modalities: ``{"image": ..., "text": ...}``."""
     return {
-        m: sign_codes(encode_features(model, features, m, task_index, batch_size)) for m in ("image", "text")
+        m: sign_codes(encode_features(model, features, m, task_index, batch_size, dist)) for m in ("image", "text")
     }
 
 
@@ -75,10 +82,11 @@ def score_against_store(
     db_tasks: Sequence[int],
     topk: Optional[int] = None,
     batch_size: int = 4096,
+    dist: DistContext = SINGLE,
 ) -> Dict[str, float]:
     """Encode ``queries`` (as task ``query_task``; None = task-agnostic) and score them
     against the stored codes of ``db_tasks``."""
-    codes = encode_codes(model, queries, query_task, batch_size)
+    codes = encode_codes(model, queries, query_task, batch_size, dist)
     return score_directions(codes, queries.labels, store.entries(db_tasks), topk)
 
 

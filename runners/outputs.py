@@ -34,6 +34,7 @@ class RunOutput:
         self.config = config
         self.use_tensorboard = tensorboard
         self.quiet = quiet
+        self.enabled = True  # False on data-parallel ranks other than 0: they write nothing
         self.logger: logging.Logger = run_logger(None, quiet=quiet)
         self._writer = None
 
@@ -60,6 +61,9 @@ class RunOutput:
 
     def prepare(self, resume: bool) -> None:
         """Create the directory; a fresh (not resumed) run clears a previous run's files."""
+        if not self.enabled:
+            self.logger = run_logger(None, name="ccmh.worker", quiet=True)
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         if not resume:
             for name in STALE:
@@ -86,6 +90,8 @@ class RunOutput:
         an interruption anywhere leaves a consistent earlier state."""
         if last:
             state["status"] = "finished"
+        if not self.enabled:
+            return
         model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if keep:
             atomic_torch_save(

@@ -1,0 +1,374 @@
+"""PBEH: Prompt-driven Bit Extension Hashing for continual cross-modal retrieval.
+
+Each task t adds a pool of ``ceil(N_train_t / prompt_divisor)`` modality-shared prompts.
+A sample picks the pool row closest to it (cosine), reads it through its modality's
+cross-attention, and the hash net of that modality encodes ``[x ; e]``:
+``Linear(2w, hidden)-ReLU-Linear(hidden, hidden)-ReLU-Linear(hidden, K)`` + L2-normalise,
+code ``sign``. After every task an exact majority-centre test over the stored database
+codes of the newest length decides whether the next task gets ``extend_bits`` more
+bits; the last layer then grows at the END (old rows copied), so every old bit keeps
+its meaning and stored shorter codes are matched on their prefix.
+
+Deviations from the public code, each on purpose:
+- Attention runs on a per-sample ``(B, 1, D)`` layout, so a code never depends on the
+  other samples of its batch (the public code attends across the batch).
+- Queries of task j are encoded with task j's prompt pool (the public code used the
+  newest task's pool); task-agnostic queries choose among the pools of every task
+  seen, as the authors' validation does.
+- The extension test counts codes farther than K/2 from the majority centre on
+  integer bits; a tied bit of the centre counts as +1 (the public code compared float
+  codes with ``!=`` against a centre holding 0 for ties). ``extend_threshold: 0``
+  extends after every task.
+- Prompt-hash anchor: the "code of a prompt" is the hash of ``[p ; MHA(p, p, p)]``, what a
+  sample lying on the prompt would get (the public code hashed ``[e ; e]``), and the
+  comparison renormalises the first ``K_k`` outputs, so growing the code does not by
+  itself move the anchored prefix.
+- Selection uses cosine similarity (prompts and samples L2-normalised).
+- The binary similarity term of one public version (``sign`` codes; no gradient) and
+  its optional centre-separation term are not part of the method description and are
+  left out; the binary half of the cosine term is kept but carries no gradient.
+- Features whose width differs from ``width`` pass through a per-modality ``Linear``
+  trained on the first task only (see ``models.prompts.input_projection``).
+- Prompts are drawn from N(0, prompt_std^2) with ``prompt_std`` null = ``1/sqrt(width)``
+  (rows of norm about 1, like the L2-normalised features this library extracts); the
+  public code draws N(0, 1), i.e. rows of norm sqrt(width), which on unit-norm
+  features swamps the sample in the attention output (``prompt_std: 1.0`` restores it).
+- Biases of the hash nets start at zero (weights keep PyTorch's default init): with
+  unit-norm features and a narrow hidden layer the default bias init dominates the
+  three-layer output and every sample starts with the same code.
+- Model selection happens on the task's validation split (runner), never on queries.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.register import MODELS
+from models import losses as L
+from models.base import Batch, HashModel
+from models.prompts import (
+    PromptBank, zero_biases, PromptCrossAttention, common_width, gather_tokens, input_projection, select_prompts,
+)
+from utils.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from common.code_store import CodeStore
+    from dataset.feature_set import Task
+
+
+# ---------------------------------------------------------------------- extension test
+def majority_centre(codes: torch.Tensor) -> torch.Tensor:
+    """Bit-wise majority of {-1,+1} codes ``(N, K)`` as an int8 ``(K,)`` vector; a tie is +1."""
+    sums = codes.to(torch.int64).sum(dim=0)
+    return torch.where(sums >= 0, 1, -1).to(torch.int8)
+
+
+def count_far_from_centre(codes: torch.Tensor) -> int:
+    """How many codes lie farther than K/2 (Hamming) from their majority centre.
+
+    Integer arithmetic only: a bit differs when the int8 values differ, and "farther
+    than K/2" is ``2 d > K``."""
+    if codes.shape[0] == 0:
+        return 0
+    codes = codes.to(torch.int8)
+    centre = majority_centre(codes)
+    dist = (codes != centre).sum(dim=1)
+    return int((2 * dist > codes.shape[1]).sum())
+
+
+def extension_fires(far: int, total: int, threshold: float) -> bool:
+    """The PBEH rule: extend when more than ``threshold * total`` codes are far;
+    threshold 0 extends unconditionally."""
+    return threshold <= 0 or far > threshold * total
+
+
+class ExtendableHashNet(nn.Module):
+    """``Linear(in, hidden)-ReLU-Linear(hidden, hidden)-ReLU-Linear(hidden, K)`` + L2-norm,
+    whose last layer can grow by appending output rows at the end."""
+
+    def __init__(self, in_dim: int, hidden: int, bits: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.last = nn.Linear(hidden, bits)
+        zero_biases(self)
+
+    @property
+    def bits(self) -> int:
+        return int(self.last.out_features)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Outputs before normalisation; their signs are the code."""
+        return self.last(self.body(z))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.logits(z), dim=1)
+
+    @torch.no_grad()
+    def extend(self, extra: int) -> None:
+        """Grow the code by ``extra`` bits: rows ``[0, K)`` are copied, the new rows (at the
+        end) get ``nn.Linear``'s default weights and zero biases."""
+        old = self.last
+        new = nn.Linear(old.in_features, old.out_features + extra).to(device=old.weight.device, dtype=old.weight.dtype)
+        new.bias.zero_()
+        new.weight[: old.out_features].copy_(old.weight)
+        new.bias[: old.out_features].copy_(old.bias)
+        self.last = new
+
+
+@MODELS.register("PBEH")
+class PBEH(HashModel):
+    """PBEH with per-task prompt pools, per-modality attention and growing hash nets."""
+
+    def __init__(
+        self,
+        image_dim: int,
+        text_dim: int,
+        num_classes: int,
+        bits: int = 16,
+        width: Optional[int] = None,
+        hidden: int = 4096,
+        heads: int = 8,
+        prompt_std: Optional[float] = None,
+        prompt_divisor: int = 400,
+        extend_bits: int = 1,
+        extend_threshold: float = 0.1,
+        cosine_weight: float = 0.1,
+        similarity_weight: float = 100.0,
+        quant_weight: float = 10.0,
+        contrastive_weight: float = 1.0,
+        distill_weight: float = 100.0,
+        anchor_weight: float = 0.1,
+        temperature: float = 0.1,
+        similarity_scale: float = 16.0,
+        later_lr_scale: float = 0.1,
+        prompt_lr_scale: float = 1.0,
+    ) -> None:
+        super().__init__(image_dim, text_dim, num_classes, bits)
+        self.width = common_width(image_dim, text_dim, width, heads)
+        for key, value in (("width", self.width), ("hidden", hidden), ("heads", heads), ("prompt_divisor", prompt_divisor)):
+            if value < 1:
+                raise ConfigError(f"model.{key}: must be a positive integer, got {value}")
+        if self.width % heads:
+            raise ConfigError(f"model.width: {self.width} is not divisible by model.heads = {heads}")
+        if extend_bits < 0:
+            raise ConfigError(f"model.extend_bits: must be >= 0, got {extend_bits}")
+        if extend_threshold < 0:
+            raise ConfigError(f"model.extend_threshold: must be >= 0 (0 extends after every task), got {extend_threshold}")
+        if prompt_std is not None and prompt_std <= 0:
+            raise ConfigError(f"model.prompt_std: must be positive or null (1/sqrt(width)), got {prompt_std}")
+        if temperature <= 0 or similarity_scale <= 0:
+            raise ConfigError("model.temperature and model.similarity_scale must be positive")
+        self.initial_bits = int(bits)
+        self.prompt_divisor = int(prompt_divisor)
+        self.extend_bits = int(extend_bits)
+        self.extend_threshold = float(extend_threshold)
+        self.weights = {
+            "cosine": cosine_weight, "similarity": similarity_weight, "quant": quant_weight,
+            "contrastive": contrastive_weight, "distill": distill_weight, "anchor": anchor_weight,
+        }
+        self.temperature = float(temperature)
+        self.similarity_scale = float(similarity_scale)
+        self.later_lr_scale = float(later_lr_scale)
+        self.prompt_lr_scale = float(prompt_lr_scale)
+
+        self.image_in = input_projection(image_dim, self.width)
+        self.text_in = input_projection(text_dim, self.width)
+        self.prompts = PromptBank(self.width, prompt_std)
+        self.image_attn = PromptCrossAttention(self.width, heads)
+        self.text_attn = PromptCrossAttention(self.width, heads)
+        self.image_net = ExtendableHashNet(2 * self.width, hidden, bits)
+        self.text_net = ExtendableHashNet(2 * self.width, hidden, bits)
+        # Task-time state that is not a tensor; structure() records it.
+        self.pending_extension = False
+        self.bit_history: List[int] = []
+        self.extension_tests: List[Dict[str, Any]] = []
+        self.anchor_bits: List[int] = []
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def num_tasks(self) -> int:
+        return len(self.prompts)
+
+    def _device(self) -> torch.device:
+        return self.image_net.last.weight.device
+
+    def _check_task(self, task_index: int) -> None:
+        if not 0 <= task_index < self.num_tasks:
+            raise ValueError(f"PBEH has {self.num_tasks} task(s); task index {task_index} is out of range")
+
+    def _anchor(self, k: int) -> torch.Tensor:
+        return getattr(self, f"anchor_{k}")
+
+    def _grow(self, extra: int) -> None:
+        self.image_net.extend(extra)
+        self.text_net.extend(extra)
+        self.bits += extra
+
+    def _freeze(self, keep_last: bool) -> None:
+        self.prompts.freeze_old(keep_last=keep_last)
+        train_inputs = keep_last and self.num_tasks == 1
+        self.image_in.requires_grad_(train_inputs)
+        self.text_in.requires_grad_(train_inputs)
+
+    def num_prompts(self, train_size: int) -> int:
+        """Prompts of a task with ``train_size`` training pairs: ``ceil(N / prompt_divisor)``."""
+        return max(1, math.ceil(train_size / self.prompt_divisor))
+
+    # ------------------------------------------------------------------ forward pieces
+    def _enhance(self, x: torch.Tensor, pool: torch.Tensor, attn: PromptCrossAttention) -> torch.Tensor:
+        """``[x ; MHA(x, p(x), p(x))]`` with ``p(x)`` the pool row chosen by ``x``."""
+        tokens = gather_tokens(pool, select_prompts(x, pool))
+        return torch.cat([x, attn(x, tokens)], dim=1)
+
+    def _encode(self, modality: str, features: torch.Tensor, task_index: Optional[int]) -> torch.Tensor:
+        if self.num_tasks == 0:
+            raise RuntimeError("PBEH: call begin_task before encoding (no prompt pool exists yet)")
+        image = modality == "image"
+        x = (self.image_in if image else self.text_in)(features)
+        if task_index is None:
+            pool, _ = self.prompts.stacked()
+        else:
+            self._check_task(task_index)
+            pool = self.prompts[task_index]
+        z = self._enhance(x, pool, self.image_attn if image else self.text_attn)
+        return (self.image_net if image else self.text_net)(z)
+
+    def encode_image(self, image, task_index=None, layers=None):
+        return self._encode("image", image, task_index)
+
+    def encode_text(self, text, task_index=None, layers=None):
+        return self._encode("text", text, task_index)
+
+    def prompt_logits(self, k: int) -> torch.Tensor:
+        """Un-normalised hash outputs of task k's prompts, image rows then text rows
+        ``(2 n_k, bits)``: the code of ``[p ; MHA(p, p, p)]`` per modality."""
+        pool = self.prompts[k]
+        tokens = pool.unsqueeze(1)
+        zv = torch.cat([pool, self.image_attn(pool, tokens)], dim=1)
+        zt = torch.cat([pool, self.text_attn(pool, tokens)], dim=1)
+        return torch.cat([self.image_net.logits(zv), self.text_net.logits(zt)])
+
+    # ------------------------------------------------------------------ task hooks
+    def begin_task(self, task: "Task", task_index: int) -> None:
+        """Apply a pending extension, then add this task's prompt pool."""
+        if task_index != self.num_tasks:
+            raise ValueError(f"PBEH.begin_task: expected task index {self.num_tasks}, got {task_index}")
+        if self.pending_extension:
+            self._grow(self.extend_bits)
+            self.pending_extension = False
+        self.prompts.add(self.num_prompts(len(task.train)), self._device())
+        self._freeze(keep_last=True)
+        self.bit_history.append(self.bits)
+
+    def end_task(self, task: "Task", task_index: int, store: "CodeStore") -> None:
+        """Save this task's prompt codes (anchor) and run the extension test."""
+        with torch.no_grad():
+            was_training = self.training
+            self.eval()
+            anchor = F.normalize(self.prompt_logits(task_index), dim=1).detach().clone()
+            self.train(was_training)
+        self.register_buffer(f"anchor_{task_index}", anchor)
+        self.anchor_bits.append(int(anchor.shape[1]))
+        self.pending_extension = self.decide_extension(store, task_index)
+
+    def decide_extension(self, store: "CodeStore", task_index: int = -1) -> bool:
+        """The exact majority-centre test over the stored codes of the newest length,
+        per modality; records the counts in ``extension_tests``."""
+        entries = store.entries() if len(store) else []
+        record: Dict[str, Any] = {"task": int(task_index), "threshold": self.extend_threshold}
+        if entries:
+            newest = max(e.bits for e in entries)
+            same = [e for e in entries if e.bits == newest]
+            total = sum(len(e) for e in same)
+            record.update({"bits": int(newest), "codes": int(total)})
+            fired = False
+            for modality in ("image", "text"):
+                far = count_far_from_centre(torch.cat([e.codes(modality) for e in same]))
+                record[f"far_{modality}"] = far
+                fired = fired or extension_fires(far, total, self.extend_threshold)
+        else:
+            fired = extension_fires(0, 0, self.extend_threshold)
+        fired = fired and self.extend_bits > 0
+        record["extend"] = bool(fired)
+        self.extension_tests.append(record)
+        return bool(fired)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, batch: Batch, task_index: int) -> Dict[str, torch.Tensor]:
+        t = task_index
+        self._check_task(t)
+        pool = self.prompts[t]
+        zv = self._enhance(self.image_in(batch.image), pool, self.image_attn)
+        zt = self._enhance(self.text_in(batch.text), pool, self.text_attn)
+        hv, ht = self.image_net(zv), self.text_net(zt)
+        labels = batch.labels.float()
+        target = L.sigmoid_label_similarity(labels, labels, self.similarity_scale)
+        parts: Dict[str, torch.Tensor] = {
+            "cosine": L.cosine_alignment_loss(hv, ht),
+            "similarity": L.inner_product_mse(hv, ht, target) + L.inner_product_mse(ht, hv, target),
+            "quant": L.quantization_loss(hv) + L.quantization_loss(ht),
+            "contrastive": L.supervised_contrastive_loss(hv, labels, self.temperature)
+            + L.supervised_contrastive_loss(ht, labels, self.temperature),
+            "distill": F.mse_loss(hv, self.text_net(zv)) + F.mse_loss(ht, self.image_net(zt)),
+        }
+        if t >= 1:
+            anchor = hv.new_zeros(())
+            for k in range(min(t, len(self.anchor_bits))):
+                saved = self._anchor(k)
+                current = F.normalize(self.prompt_logits(k)[:, : saved.shape[1]], dim=1)
+                anchor = anchor + L.anchor_l1(current, saved)
+            parts["anchor"] = anchor
+        weighted = {k: self.weights[k] * v for k, v in parts.items()}
+        weighted["loss"] = sum(weighted.values())
+        return weighted
+
+    def param_groups(self, task_index: int) -> List[Dict[str, Any]]:
+        """Hash nets and attention at ``lr`` on the first task and ``later_lr_scale * lr``
+        afterwards; the newest prompt pool at ``prompt_lr_scale * lr`` (the authors' 1e-4
+        for task 1, then 1e-5 for the nets and 1e-4 for the prompt)."""
+        self._check_task(task_index)
+        nets: List[nn.Parameter] = []
+        for module in (self.image_attn, self.text_attn, self.image_net, self.text_net):
+            nets.extend(module.parameters())
+        if task_index == 0:
+            nets.extend(self.image_in.parameters())
+            nets.extend(self.text_in.parameters())
+        return [
+            {"params": nets, "lr_scale": 1.0 if task_index == 0 else self.later_lr_scale, "name": "nets"},
+            {"params": [self.prompts[task_index]], "lr_scale": self.prompt_lr_scale, "name": "prompt"},
+        ]
+
+    # ------------------------------------------------------------------ checkpoints
+    def structure(self) -> Dict[str, Any]:
+        return {
+            "bits": self.bits,
+            "tasks": self.num_tasks,
+            "prompt_sizes": self.prompts.sizes(),
+            "bit_history": list(self.bit_history),
+            "anchor_bits": list(self.anchor_bits),
+            "pending_extension": bool(self.pending_extension),
+            "extension_tests": [dict(r) for r in self.extension_tests],
+        }
+
+    def build_structure(self, structure: Dict[str, Any]) -> None:
+        if self.num_tasks:
+            raise RuntimeError("PBEH.build_structure needs a freshly built model")
+        bits = int(structure.get("bits", self.bits))
+        if bits < self.bits:
+            raise ValueError(f"PBEH checkpoint has {bits} bits, fewer than model.bits = {self.bits}")
+        if bits > self.bits:
+            self._grow(bits - self.bits)
+        device = self._device()
+        for n in structure.get("prompt_sizes", []):
+            self.prompts.add(int(n), device, random_init=False)
+        self._freeze(keep_last=False)
+        self.anchor_bits = [int(b) for b in structure.get("anchor_bits", [])]
+        for k, b in enumerate(self.anchor_bits):
+            self.register_buffer(f"anchor_{k}", torch.zeros(2 * self.prompts.sizes()[k], b, device=device))
+        self.bit_history = [int(b) for b in structure.get("bit_history", [])]
+        self.pending_extension = bool(structure.get("pending_extension", False))
+        self.extension_tests = [dict(r) for r in structure.get("extension_tests", [])]

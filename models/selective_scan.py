@@ -1,0 +1,105 @@
+"""A Mamba-style selective state-space block in plain PyTorch (CPU and GPU).
+
+The block maps a token sequence ``(B, L, d_model)`` to a sequence of the same shape:
+input projection to a signal and a gate, causal depthwise convolution, data-dependent
+step ``dt`` and input / output matrices ``B``, ``C`` per token, the diagonal selective
+scan ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t``, ``y_t = C_t h_t + D x_t``, gating by
+``silu(z)`` and an output projection (Gu & Dao, "Mamba", 2023). Written from the
+paper's equations so that no CUDA-only package is needed. The scan runs along the
+sequence axis of each sample only: samples of a batch never interact.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def selective_scan_sequential(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor
+) -> torch.Tensor:
+    """Reference scan, one token after another.
+
+    Shapes: ``x``, ``dt`` (b, L, d); ``A`` (d, n); ``B``, ``C`` (b, L, n); ``D`` (d,).
+    Returns ``y`` (b, L, d).
+    """
+    b, L, d = x.shape
+    h = x.new_zeros(b, d, A.shape[1])
+    ys = []
+    for t in range(L):
+        decay = torch.exp(dt[:, t, :, None] * A)                       # (b, d, n)
+        h = decay * h + (dt[:, t, :, None] * x[:, t, :, None]) * B[:, t, None, :]
+        ys.append((h * C[:, t, None, :]).sum(-1))
+    return torch.stack(ys, dim=1) + x * D
+
+
+def selective_scan_parallel(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor
+) -> torch.Tensor:
+    """The same scan as an associative (Hillis-Steele) prefix scan: ceil(log2 L) steps
+    over all tokens at once, combining ``(a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2)``
+    where ``a = exp(dt A)`` is a decay in (0, 1] and ``b = dt B x``. Every product stays
+    in (0, 1], so it is as stable as the sequential form (no ``exp(-cumsum)``)."""
+    L = x.shape[1]
+    a = torch.exp(dt.unsqueeze(-1) * A)                                # (b, L, d, n)
+    h = (dt * x).unsqueeze(-1) * B.unsqueeze(2)                        # (b, L, d, n)
+    offset = 1
+    while offset < L:
+        h = torch.cat([h[:, :offset], a[:, offset:] * h[:, :-offset] + h[:, offset:]], dim=1)
+        a = torch.cat([a[:, :offset], a[:, offset:] * a[:, :-offset]], dim=1)
+        offset *= 2
+    return (h * C.unsqueeze(2)).sum(-1) + x * D
+
+
+class SelectiveScanBlock(nn.Module):
+    """One Mamba mixer: ``(B, L, d_model) -> (B, L, d_model)`` (no residual, no norm:
+    the caller wraps it, as Mamba's own models do)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: Optional[int] = None,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        scan: Literal["sequential", "parallel"] = "parallel",
+    ) -> None:
+        super().__init__()
+        if min(d_model, d_state, d_conv, expand) < 1:
+            raise ValueError(f"selective scan: d_model, d_state, d_conv, expand must be >= 1, got "
+                             f"{d_model}, {d_state}, {d_conv}, {expand}")
+        if scan not in ("sequential", "parallel"):
+            raise ValueError(f"selective scan: scan must be 'sequential' or 'parallel', got {scan!r}")
+        self.d_model, self.d_state, self.scan = d_model, d_state, scan
+        d_inner = expand * d_model
+        self.d_inner = d_inner
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner)
+        self.conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner)
+        self.out_proj = nn.Linear(d_inner, d_model)
+        # S4D-real initialisation: A = -(1..n) for every channel, kept as log(-A) > 0.
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        # dt = softplus(bias) starts log-uniform in [dt_min, dt_max].
+        with torch.no_grad():
+            dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        L = tokens.shape[1]
+        x, z = self.in_proj(tokens).chunk(2, dim=-1)                     # (b, L, d_inner) each
+        x = self.conv(x.transpose(1, 2))[..., :L].transpose(1, 2)        # causal: drop the right padding
+        x = F.silu(x)
+        dt, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt))
+        A = -torch.exp(self.A_log)
+        scan = selective_scan_parallel if self.scan == "parallel" else selective_scan_sequential
+        y = scan(x, dt, A, Bm, Cm, self.D)
+        return self.out_proj(y * F.silu(z))

@@ -1,0 +1,174 @@
+"""Shared helpers for the model tests: a tiny structured task, a brute-force mAP, a
+small training loop that builds optimisers the way the runner does, and the contract
+checks every model must pass (batch independence, gradients on every parameter)."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import pytest
+import torch
+
+from dataset.feature_set import FeatureSet, Task
+from models.base import Batch, HashModel, sign_codes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread, and far faster than on two threads of a
+    busy shared machine; the previous setting is restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def structured_features(n: int, num_classes: int, image_dim: int, text_dim: int, seed: int,
+                        noise: float = 0.6, layers: Optional[int] = None) -> FeatureSet:
+    """Samples of ``num_classes`` single-label classes: each modality is its own random
+    class mean plus Gaussian noise (different dimensions per modality). With ``layers``,
+    per-layer features (N, layers, image_dim) get class information growing with depth."""
+    g = torch.Generator().manual_seed(1234)           # class means shared by every split
+    mean_v = torch.randn(num_classes, image_dim, generator=g)
+    mean_t = torch.randn(num_classes, text_dim, generator=g)
+    mean_l = torch.randn(num_classes, image_dim, generator=g)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % num_classes
+    labels = torch.nn.functional.one_hot(y, num_classes).float()
+    image = mean_v[y] + noise * torch.randn(n, image_dim, generator=g)
+    text = mean_t[y] + noise * torch.randn(n, text_dim, generator=g)
+    extra = {}
+    if layers:
+        depth = torch.linspace(0.2, 1.0, layers).view(1, layers, 1)
+        extra["image_layers"] = depth * mean_l[y].unsqueeze(1) + noise * torch.randn(n, layers, image_dim, generator=g)
+        extra["text_layers"] = depth * mean_l[y].unsqueeze(1) + noise * torch.randn(n, layers, image_dim, generator=g)
+    return FeatureSet(image=image, text=text, labels=labels, **extra)
+
+
+def structured_task(num_classes: int = 4, image_dim: int = 20, text_dim: int = 12, n_train: int = 96,
+                    n_query: int = 32, n_db: int = 96, noise: float = 0.6, layers: Optional[int] = None) -> Task:
+    make = lambda n, s: structured_features(n, num_classes, image_dim, text_dim, s, noise, layers)  # noqa: E731
+    return Task(index=0, name="toy", train=make(n_train, 1), val=make(8, 2), query=make(n_query, 3),
+                database=make(n_db, 4), classes=tuple(range(num_classes)))
+
+
+def batch_of(fs: FeatureSet, idx: torch.Tensor) -> Batch:
+    return Batch(image=fs.image[idx], text=fs.text[idx], labels=fs.labels[idx], index=idx,
+                 image_layers=None if fs.image_layers is None else fs.image_layers[idx],
+                 text_layers=None if fs.text_layers is None else fs.text_layers[idx])
+
+
+TORCH_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+def build_optimizers(model: HashModel, lr: float = 1e-2) -> List[torch.optim.Optimizer]:
+    """AdamW over the groups without their own optimiser, and each group's own
+    optimiser block, as the runner does (torch optimisers by name, so these tests do
+    not depend on the runner package)."""
+    main, extra = [], []
+    for group in model.param_groups(0):
+        group = dict(group)
+        params = [p for p in group.pop("params") if p.requires_grad]
+        own = group.pop("optimizer", None)
+        scale = group.pop("lr_scale", 1.0)
+        group.pop("name", None)
+        if own:
+            own = dict(own)
+            extra.append(TORCH_OPTIMIZERS[own.pop("name")]([{"params": params, **group}], **own))
+        else:
+            main.append({"params": params, "lr": lr * scale, **group})
+    return [torch.optim.AdamW(main, weight_decay=0.0)] + extra
+
+
+def train(model: HashModel, task: Task, epochs: int = 10, batch_size: int = 32, lr: float = 1e-2,
+          seed: int = 0) -> List[float]:
+    """Train on ``task.train`` through the model's hooks; returns the mean loss per epoch."""
+    torch.manual_seed(seed)
+    model.begin_task(task, 0)
+    opts = build_optimizers(model, lr)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    n = len(task.train)
+    for epoch in range(epochs):
+        model.begin_epoch(task, 0, epoch)
+        model.train()
+        total, count = 0.0, 0
+        for idx in torch.randperm(n, generator=gen).split(batch_size):
+            if len(idx) < 2:
+                continue
+            loss = model(batch_of(task.train, idx), 0)["loss"]
+            for o in opts:
+                o.zero_grad()
+            loss.backward()
+            for o in opts:
+                o.step()
+            total, count = total + float(loss.detach()), count + 1
+        history.append(total / count)
+    model.eval()
+    return history
+
+
+def brute_map(q: torch.Tensor, db: torch.Tensor, q_labels: torch.Tensor, db_labels: torch.Tensor) -> float:
+    """mAP@all with ties broken by database index (the library's definition)."""
+    q, db = q.float(), db.float()
+    ham = 0.5 * (q.shape[1] - q @ db.t())
+    rel = ((q_labels @ db_labels.t()) > 0).float()
+    order = torch.argsort(ham, dim=1, stable=True)
+    r = torch.gather(rel, 1, order)
+    prec = r.cumsum(1) / torch.arange(1, r.shape[1] + 1)
+    return float(((prec * r).sum(1) / r.sum(1).clamp(min=1)).mean())
+
+
+@torch.no_grad()
+def codes(model: HashModel, fs: FeatureSet) -> Dict[str, torch.Tensor]:
+    model.eval()
+    return {"image": sign_codes(model.encode_image(fs.image, 0, fs.image_layers)),
+            "text": sign_codes(model.encode_text(fs.text, 0, fs.text_layers))}
+
+
+def retrieval_map(model: HashModel, task: Task, columns: Optional[torch.Tensor] = None) -> float:
+    """Mean of i2t and t2i mAP, query vs database (optionally on the code ``columns``)."""
+    q, d = codes(model, task.query), codes(model, task.database)
+    if columns is not None:
+        q = {m: c[:, columns] for m, c in q.items()}
+        d = {m: c[:, columns] for m, c in d.items()}
+    ql, dl = task.query.labels, task.database.labels
+    return 0.5 * (brute_map(q["image"], d["text"], ql, dl) + brute_map(q["text"], d["image"], ql, dl))
+
+
+@torch.no_grad()
+def assert_batch_independent(model: HashModel, fs: FeatureSet, atol: float = 1e-5) -> None:
+    """Eval mode: each sample encoded alone equals its row in the full batch, per modality."""
+    model.eval()
+    for modality, encode in (("image", model.encode_image), ("text", model.encode_text)):
+        data, layers = getattr(fs, modality), getattr(fs, f"{modality}_layers")
+        full = encode(data, 0, layers)
+        assert full.shape == (len(fs), model.bits)
+        for i in (0, len(fs) // 2, len(fs) - 1):
+            alone = encode(data[i:i + 1], 0, None if layers is None else layers[i:i + 1])
+            torch.testing.assert_close(alone[0], full[i], atol=atol, rtol=0)
+        # reversing the batch permutes the rows and changes nothing else
+        rev = encode(data.flip(0), 0, None if layers is None else layers.flip(0))
+        torch.testing.assert_close(rev.flip(0), full, atol=atol, rtol=0)
+
+
+def assert_every_parameter_gets_gradient(model: HashModel, task: Task, batch_size: int = 16) -> None:
+    """Every parameter the optimisers see gets a non-zero gradient from one loss, and
+    every trainable parameter of the model is in some optimiser group."""
+    torch.manual_seed(0)
+    model.begin_task(task, 0)
+    model.begin_epoch(task, 0, 0)
+    model.train()
+    grouped = {id(p) for g in model.param_groups(0) for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
+    assert not missing, f"parameters not given to any optimiser: {missing}"
+    model.zero_grad()
+    model(batch_of(task.train, torch.arange(batch_size)), 0)["loss"].backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert not dead, f"parameters without a gradient: {dead}"
+
+
+def assert_finite_loss(parts: Dict[str, torch.Tensor]) -> None:
+    assert "loss" in parts
+    for k, v in parts.items():
+        assert v.dim() == 0 and math.isfinite(float(v.detach())), f"{k} = {v}"

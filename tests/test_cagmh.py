@@ -1,0 +1,133 @@
+"""CAGMH: the plain-PyTorch selective scan, per-sample guidance, training contract."""
+import pytest
+import torch
+
+from common.register import MODELS
+from models.cagmh import CAGMH, covariance_guidance, hadamard_centres
+from models.selective_scan import SelectiveScanBlock, selective_scan_parallel, selective_scan_sequential
+from hash_model_checks import (
+    assert_batch_independent, assert_every_parameter_gets_gradient, assert_finite_loss, batch_of, codes,
+    retrieval_map, single_thread, structured_task, train,  # noqa: F401  (fixture)
+)
+
+
+def make(bits=8, seed=0, **kw):
+    torch.manual_seed(seed)
+    kw = {"num_tokens": 4, "token_dim": 8, "hidden": 32, **kw}
+    return MODELS.get("CAGMH")(image_dim=20, text_dim=12, num_classes=4, bits=bits, **kw)
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 7, 8])
+def test_parallel_scan_equals_sequential(L):
+    g = torch.Generator().manual_seed(L)
+    b, d, n = 2, 5, 3
+    x, B, C = torch.randn(b, L, d, generator=g), torch.randn(b, L, n, generator=g), torch.randn(b, L, n, generator=g)
+    dt, A, D = torch.rand(b, L, d, generator=g), -4 * torch.rand(d, n, generator=g), torch.randn(d, generator=g)
+    seq = selective_scan_sequential(x, dt, A, B, C, D)
+    torch.testing.assert_close(selective_scan_parallel(x, dt, A, B, C, D), seq, atol=1e-5, rtol=1e-5)
+    # the recurrence by hand for the last token of the first sample
+    h = torch.zeros(d, n)
+    for t in range(L):
+        h = torch.exp(dt[0, t, :, None] * A) * h + dt[0, t, :, None] * x[0, t, :, None] * B[0, t]
+    torch.testing.assert_close(seq[0, -1], (h * C[0, -1]).sum(-1) + D * x[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_scan_block_is_causal_and_per_sample():
+    torch.manual_seed(0)
+    for scan in ("sequential", "parallel"):
+        torch.manual_seed(0)
+        block = SelectiveScanBlock(6, d_state=4, d_conv=3, expand=2, scan=scan)
+        x = torch.randn(3, 5, 6)
+        y = block(x)
+        x2 = x.clone()
+        x2[0, 3:] += 1.0          # change later tokens of sample 0
+        x2[1] += 1.0              # and all of sample 1
+        y2 = block(x2)
+        torch.testing.assert_close(y2[0, :3], y[0, :3])   # earlier tokens unchanged (causal)
+        torch.testing.assert_close(y2[2], y[2])           # other samples unchanged
+        assert not torch.allclose(y2[0, 3:], y[0, 3:])
+
+
+def test_scan_choice_gives_the_same_model():
+    a, b = make(scan="sequential"), make(scan="parallel")
+    task = structured_task()
+    a.eval(), b.eval()
+    torch.testing.assert_close(a.encode_image(task.query.image), b.encode_image(task.query.image), atol=1e-5, rtol=1e-5)
+
+
+def test_shapes_and_unit_norm_codes():
+    model = make()
+    assert isinstance(model, CAGMH)
+    model.eval()
+    task = structured_task()
+    u, v = model.encode_image(task.query.image), model.encode_text(task.query.text)
+    assert u.shape == v.shape == (32, 8)
+    torch.testing.assert_close(u.norm(dim=1), torch.ones(32))
+    A = covariance_guidance(torch.randn(5, 4, 8), torch.randn(5, 4, 8))
+    assert A.shape == (5, 4, 4) and float(A.min()) >= 0 and float(A.max()) <= 0.25 + 1e-6
+
+
+def test_hadamard_centres_balanced_and_orthogonal():
+    c = hadamard_centres(7, 8)
+    assert c.shape == (7, 8) and set(c.unique().tolist()) == {-1.0, 1.0}
+    assert torch.all(c.sum(1) == 0)                      # balanced: half +1
+    torch.testing.assert_close(c @ c.t(), 8 * torch.eye(7))
+    many = hadamard_centres(80, 16)                      # more classes than Hadamard rows
+    assert many.shape == (80, 16) and torch.all(many.sum(1) == 0)
+    assert torch.equal(many, hadamard_centres(80, 16))   # fixed, no global RNG
+    assert hadamard_centres(3, 12).shape == (3, 12)      # K not a power of two
+
+
+def test_loss_parts_and_param_groups():
+    model = make()
+    task = structured_task()
+    model.train()
+    parts = model.loss(batch_of(task.train, torch.arange(16)), 0)
+    assert_finite_loss(parts)
+    assert set(parts) >= {"proxy", "separation", "center", "loss"}
+    groups = model.param_groups(0)
+    proxies = [g for g in groups if g.get("optimizer")]
+    assert len(proxies) == 1 and proxies[0]["params"] == [model.criterion.proxies]
+    assert proxies[0]["optimizer"]["name"] == "sgd"
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_every_block_is_trained(share):
+    model = make(share_scan=share)
+    assert_every_parameter_gets_gradient(model, structured_task())
+    names = {n.split(".")[1] for n, _ in model.named_parameters() if n.startswith("image_encoder.")}
+    assert {"tokenizer", "norm", "scan"} <= names
+
+
+def test_batch_independent_and_each_modality_alone():
+    model = make()
+    task = structured_task()
+    train(model, task, epochs=2)
+    assert_batch_independent(model, task.query)
+
+
+def test_deterministic_with_a_seed():
+    task = structured_task()
+    runs = []
+    for _ in range(2):
+        model = make(seed=7)
+        train(model, task, epochs=2, seed=1)
+        runs.append(codes(model, task.query))
+    assert torch.equal(runs[0]["image"], runs[1]["image"]) and torch.equal(runs[0]["text"], runs[1]["text"])
+
+
+def test_learns_structured_data():
+    task = structured_task()
+    model = make(bits=16)
+    before = retrieval_map(model, task)
+    history = train(model, task, epochs=15, lr=5e-3)
+    after = retrieval_map(model, task)
+    assert history[-1] < 0.8 * history[0]
+    assert after > 0.9 and after > before + 0.2
+
+
+def test_bad_sizes_refused():
+    with pytest.raises(ValueError, match="num_tokens"):
+        make(num_tokens=0)
+    with pytest.raises(ValueError, match="scan"):
+        make(scan="fast")

@@ -1,0 +1,239 @@
+"""CASH: shapes, batch independence, frozen old prompts / heads, task inference,
+checkpoint round trip, determinism and learning on structured data."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import models  # noqa: F401  (registers the models)
+from common.code_store import CodeStore
+from common.register import MODELS
+from dataset.synthetic import SyntheticDataset
+from models import losses as L
+from models.base import Batch, sign_codes
+from models.cash import CASH, infer_task, select_bits
+from models.prompts import PromptCrossAttention, select_prompts
+from utils.config import check_kwargs
+from utils.errors import ConfigError
+
+IMAGE_DIM, TEXT_DIM, CLASSES = 24, 20, 12
+SMALL = dict(bits=8, width=16, hidden=32, heads=2, prompt_length=4)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return SyntheticDataset(
+        num_classes=CLASSES, num_tasks=3, image_dim=IMAGE_DIM, text_dim=TEXT_DIM,
+        query_size=20, train_size=64, database_size=100, noise=0.5, seed=3,
+    ).load()
+
+
+def build(**kw) -> CASH:
+    return MODELS.get("CASH")(image_dim=IMAGE_DIM, text_dim=TEXT_DIM, num_classes=CLASSES, **{**SMALL, **kw})
+
+
+def train_task(model, task, t, steps=12, lr=3e-3, seed=0, batch=32):
+    """A few optimiser steps the way the runner takes them."""
+    torch.manual_seed(seed + t)
+    model.begin_task(task, t)
+    opts = []
+    for g in model.param_groups(t):
+        params = [p for p in g["params"] if p.requires_grad]
+        own = g.get("optimizer")
+        if own is not None:  # a group with an optimiser of its own (the task head)
+            assert own["name"] == "adamw"
+            opts.append(torch.optim.AdamW(params, lr=own["lr"], weight_decay=own.get("weight_decay", 0.01)))
+        elif params:
+            opts.append(torch.optim.AdamW(params, lr=lr * g.get("lr_scale", 1.0)))
+    gen = torch.Generator().manual_seed(seed + 100 * t)
+    history = []
+    model.begin_epoch(task, t, 0)
+    model.train()
+    for step in range(steps):
+        idx = torch.randperm(len(task.train), generator=gen)[:batch]
+        fs = task.train
+        losses = model.loss(Batch(fs.image[idx], fs.text[idx], fs.labels[idx], idx), t)
+        for opt in opts:
+            opt.zero_grad()
+        losses["loss"].backward()
+        for opt in opts:
+            opt.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+    model.eval()
+    return history
+
+
+def finish_task(model, task, t, store):
+    with torch.no_grad():
+        db = task.database
+        store.add(t, sign_codes(model.encode_image(db.image, t)), sign_codes(model.encode_text(db.text, t)), db.labels)
+    model.end_task(task, t, store)
+
+
+def run_tasks(stream, n, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = build(**kw)
+    store = CodeStore()
+    for t in range(n):
+        train_task(model, stream.tasks[t], t, seed=seed)
+        finish_task(model, stream.tasks[t], t, store)
+    return model, store
+
+
+def test_shapes_and_loss_terms(stream):
+    torch.manual_seed(0)
+    model = build()
+    task = stream.tasks[0]
+    history = train_task(model, task, 0, steps=2)
+    assert set(history[-1]) == {"quant", "fine", "coarse", "task", "distill", "loss"}  # no exclusion on task 1
+    with torch.no_grad():
+        for t in (0, None):
+            assert model.encode_image(task.query.image, t).shape == (len(task.query), 8)
+            assert model.encode_text(task.query.text, t).shape == (len(task.query), 8)
+    finish_task(model, task, 0, CodeStore())
+    history = train_task(model, stream.tasks[1], 1, steps=1)
+    assert "exclusion" in history[-1] and all(torch.isfinite(torch.tensor(v)) for v in history[-1].values())
+    assert model.structure() == {"bits": 8, "tasks": 2, "prompt_tokens": [4, 4], "old_codes": 0 + len(task.train),
+                                 "negatives": min(256, len(task.train))}
+
+
+def test_encoding_is_batch_independent(stream):
+    model, _ = run_tasks(stream, 2)
+    q = stream.tasks[1].query
+    with torch.no_grad():
+        for t in (0, 1, None):
+            for encode, x in ((model.encode_image, q.image), (model.encode_text, q.text)):
+                together = encode(x, t)
+                alone = torch.cat([encode(x[i:i + 1], t) for i in range(len(x))])
+                assert torch.allclose(together, alone, atol=1e-6)
+                assert torch.equal(sign_codes(together), sign_codes(alone))
+
+
+def test_old_prompts_and_heads_frozen(stream):
+    torch.manual_seed(0)
+    model = build(prompt_mode="separate")
+    store = CodeStore()
+    train_task(model, stream.tasks[0], 0)
+    finish_task(model, stream.tasks[0], 0, store)
+    old = {k: v.clone() for k, v in model.state_dict().items()
+           if k.startswith(("image_prompts.prompts.0", "text_prompts.prompts.0", "task_heads.0", "image_in", "text_in"))}
+    assert len(old) == 2 + 2 + 4  # two prompts, head weight + bias, two input projections (w + b)
+    train_task(model, stream.tasks[1], 1)
+    state = model.state_dict()
+    for k, v in old.items():
+        assert torch.equal(state[k], v), k
+    trainable = {id(p) for g in model.param_groups(1) for p in g["params"]}
+    assert id(model.image_prompts[0]) not in trainable and id(model.task_heads[0].weight) not in trainable
+    assert id(model.image_prompts[1]) in trainable and id(model.text_prompts[1]) in trainable
+    assert not model.image_prompts[0].requires_grad and not model.task_heads[0].weight.requires_grad
+    # the shared nets did train (so "unchanged" above is a real check)
+    assert id(model.mask_net.net[0].weight) in trainable
+
+
+def test_cascade_rule_on_hand_made_logits():
+    logits = torch.tensor([[3.0, 2.0, -1.0], [0.5, -2.0, 0.1], [-1.0, -0.5, -3.0], [2.0, 5.0, 1.0]])
+    assert infer_task(logits, "cascade").tolist() == [1, 2, 1, 2]
+    assert infer_task(logits, "argmax").tolist() == [0, 0, 1, 1]
+
+
+def test_heads_with_negatives_identify_the_task(stream):
+    """Task-vs-others heads + the cascade rule find the task of unseen queries; the
+    positives-only heads of the public code (head_negatives 0) cannot."""
+    def accuracy(model):
+        with torch.no_grad():
+            hits = [
+                (model.infer_tasks(getattr(task.query, m), m) == t).float().mean()
+                for t, task in enumerate(stream.tasks) for m in ("image", "text")
+            ]
+        return float(torch.stack(hits).mean())
+
+    torch.manual_seed(0)
+    with_neg = build(head_lr=0.05)
+    without = build(head_lr=0.05, head_negatives=0)
+    for model in (with_neg, without):
+        store = CodeStore()
+        for t in range(3):
+            train_task(model, stream.tasks[t], t, steps=60, lr=1e-2)
+            finish_task(model, stream.tasks[t], t, store)
+    assert accuracy(with_neg) > 0.6  # chance: 1/3
+    assert accuracy(with_neg) > accuracy(without) + 0.2
+
+
+def test_checkpoint_round_trip_gives_identical_codes(stream):
+    model, _ = run_tasks(stream, 2)
+    structure, state = copy.deepcopy(model.structure()), copy.deepcopy(model.state_dict())
+    fresh = build()
+    fresh.build_structure(structure)
+    fresh.load_state_dict(state)
+    fresh.eval()
+    q = stream.tasks[1].query
+    with torch.no_grad():
+        for t in (0, 1, None):
+            assert torch.equal(model.encode_image(q.image, t), fresh.encode_image(q.image, t))
+            assert torch.equal(model.encode_text(q.text, t), fresh.encode_text(q.text, t))
+    # and both continue identically on the next task
+    h1 = train_task(model, stream.tasks[2], 2, steps=3)
+    h2 = train_task(fresh, stream.tasks[2], 2, steps=3)
+    assert h1 == h2
+    assert not fresh.image_prompts[1].requires_grad and fresh.image_prompts[2].requires_grad
+
+
+def test_same_seed_same_codes(stream):
+    a, _ = run_tasks(stream, 2, seed=5)
+    b, _ = run_tasks(stream, 2, seed=5)
+    c, _ = run_tasks(stream, 2, seed=6)
+    q = stream.tasks[0].query
+    with torch.no_grad():
+        assert torch.equal(a.encode_image(q.image, 0), b.encode_image(q.image, 0))
+        assert not torch.equal(a.encode_image(q.image, 0), c.encode_image(q.image, 0))
+
+
+def test_loss_decreases_on_structured_data(stream):
+    torch.manual_seed(0)
+    model = build()
+    history = train_task(model, stream.tasks[0], 0, steps=40, lr=3e-3)
+    first = sum(h["loss"] for h in history[:5]) / 5
+    last = sum(h["loss"] for h in history[-5:]) / 5
+    assert last < 0.8 * first
+
+
+def test_bad_config_refused():
+    with pytest.raises(ConfigError, match="model.width"):
+        build(width=15, heads=2)
+    with pytest.raises(ConfigError, match="head_negatives"):
+        build(head_negatives=-1)
+    with pytest.raises(ConfigError, match="prompt_mode"):
+        check_kwargs(CASH, {"prompt_mode": "shared"}, "model", skip=("image_dim", "text_dim", "num_classes"))
+    model = build()
+    with pytest.raises(ValueError, match="expected task index 0"):
+        model.begin_task(None, 1)
+
+
+def test_config_values_type_check():
+    kw = check_kwargs(CASH, {"bits": 16, "hidden": 64, "coarse_weight": 10, "width": None, "task_inference": "argmax"},
+                      "model", skip=("image_dim", "text_dim", "num_classes"))
+    assert kw["coarse_weight"] == 10.0 and isinstance(kw["coarse_weight"], float)
+
+
+def test_shared_blocks_against_brute_force():
+    torch.manual_seed(0)
+    x, pool = torch.randn(7, 6), torch.randn(5, 6)
+    expected = [max(range(5), key=lambda j: float(torch.cosine_similarity(x[i], pool[j], dim=0))) for i in range(7)]
+    assert select_prompts(x, pool).tolist() == expected
+    attn = PromptCrossAttention(6, heads=2).eval()
+    tokens = torch.randn(3, 6)
+    with torch.no_grad():
+        out = attn(x, tokens)
+        ref = torch.stack([attn.attn(x[i:i + 1][None], tokens[None], tokens[None])[0][0, 0] for i in range(7)])
+    assert torch.allclose(out, ref, atol=1e-6)
+    f, c = torch.randn(4, 8), torch.randn(4, 8)
+    assert torch.allclose(select_bits(f, c, torch.ones(4, 8)), torch.tanh(c))
+    assert torch.allclose(select_bits(f, c, -torch.ones(4, 8)), torch.tanh(f))
+    # InfoNCE: aligned pairs score lower than shuffled ones; balance is 0 for balanced bits
+    a = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    assert L.info_nce(a, a, 0.07) < L.info_nce(a, a.roll(1, 0), 0.07)
+    assert float(L.bit_balance_loss(torch.tensor([[1.0, -2.0], [-1.0, 2.0]]))) == 0.0
+    y = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 1]])
+    assert L.label_overlap(y, y).tolist() == [[1, 1, 0], [1, 1, 0], [0, 0, 1]]

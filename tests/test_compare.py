@@ -1,0 +1,161 @@
+"""The compare command, on hand-made results.json files (no training)."""
+import argparse
+import csv
+from pathlib import Path
+
+import pytest
+
+import main
+import runners.compare as compare
+from runners.compare import add_compare_arguments, reusable, run_compare
+from utils.config import load_config
+from utils.io import atomic_write_json
+
+REPO = Path(main.__file__).parent
+DSPH = str(REPO / "configs/DSPH/demo.yaml")
+DCMHT = str(REPO / "configs/DCMHT/demo.yaml")
+SCAHN = str(REPO / "configs/SCAHN/demo.yaml")
+
+
+def fake_results(method, config, T=3, bits=16, offset=0.0, scalable=None, status="finished", with_config=True):
+    """A results.json as the runner writes it, with a known result matrix."""
+    R = {d: [[None] * T for _ in range(T)] for d in ("i2t", "t2i")}
+    for t in range(T):
+        for j in range(t + 1):
+            R["i2t"][t][j] = round(0.9 - 0.1 * (t - j) + offset, 6)
+            R["t2i"][t][j] = round(0.8 - 0.1 * (t - j) + offset, 6)
+    acc = {d: sum(R[d][T - 1]) / T for d in R}
+    bwt = {d: (sum(R[d][T - 1][j] - R[d][j][j] for j in range(T - 1)) / (T - 1) if T > 1 else None) for d in R}
+    out = {
+        "status": status, "method": method, "dataset": "demo", "metric": "mAP@all", "mode": "continual",
+        "tasks": T, "completed_tasks": T if status == "finished" else T - 1, "bits": [bits] * T, "map": R,
+        "summary": {d: {"acc": acc[d], "bwt": bwt[d], "forgetting": None if bwt[d] is None else -bwt[d],
+                        "avg_incremental": acc[d], "fwt": None} for d in R},
+        "task_agnostic": {"i2t": [0.5 + offset] * T, "t2i": [0.4 + offset] * T},
+        "timing": {"train_seconds": 12.5, "eval_seconds": 0.5},
+    }
+    if scalable:
+        out["bit_scalable"] = scalable
+    if with_config:
+        out["config"] = config
+    return out
+
+
+def place(out_dir, name, results):
+    atomic_write_json(Path(out_dir) / "runs" / name / "results.json", results)
+
+
+def args_for(files, out, overrides=(), reuse=True):
+    parser = argparse.ArgumentParser()
+    add_compare_arguments(parser)
+    argv = ["--config-file", *files, "--output-dir", str(out), "--quiet"]
+    if overrides:
+        argv += ["--set", *overrides]
+    if reuse:
+        argv.append("--reuse")
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Record run_config calls instead of training; returns the call list."""
+    import runners.experiment as experiment
+
+    calls = []
+
+    def fake_run_config(config, output_dir, resume=False, quiet=False):
+        calls.append({"config": config, "dir": Path(output_dir), "resume": resume})
+        res = fake_results(config["model"]["name"], config, offset=-0.2)
+        atomic_write_json(Path(output_dir) / "results.json", res)
+        return res
+
+    monkeypatch.setattr(experiment, "run_config", fake_run_config)
+    return calls
+
+
+def test_reuses_finished_runs_and_writes_table_and_plots(tmp_path, no_training):
+    out = tmp_path / "cmp"
+    dsph, dcmht, scahn = (load_config(f, []) for f in (DSPH, DCMHT, SCAHN))
+    place(out, "DSPH_demo", fake_results("DSPH", dsph))
+    place(out, "DCMHT_demo", fake_results("DCMHT", dcmht, offset=0.05, with_config=False))
+    place(out, "SCAHN_demo", fake_results("SCAHN", scahn, bits=32, offset=-0.1,
+                                          scalable={"8": {"i2t": 0.3, "t2i": 0.2}, "16": {"i2t": 0.4, "t2i": 0.3},
+                                                    "32": {"i2t": 0.45, "t2i": 0.35}}))
+    # DCMHT's results.json has no config: the run's config.yaml is read instead
+    (out / "runs" / "DCMHT_demo" / "config.yaml").write_text(
+        __import__("utils.config", fromlist=["dump_config"]).dump_config(dcmht))
+    assert run_compare(args_for([DSPH, DCMHT, SCAHN], out)) == 0
+    assert no_training == []                         # everything reused
+
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert [r["method"] for r in rows] == ["DSPH", "DCMHT", "SCAHN"]
+    dsph_row = rows[0]
+    assert dsph_row["bits"] == "16" and rows[2]["bits"] == "32"
+    assert [float(x) for x in dsph_row["final_row_i2t"].split()] == pytest.approx([0.7, 0.8, 0.9])
+    assert float(dsph_row["acc_i2t"]) == pytest.approx(0.8)
+    assert float(dsph_row["acc_t2i"]) == pytest.approx(0.7)
+    assert float(dsph_row["bwt_i2t"]) == pytest.approx(-0.15)
+    assert float(dsph_row["forgetting_t2i"]) == pytest.approx(0.15)
+    assert float(rows[1]["agnostic_i2t"]) == pytest.approx(0.55)
+    assert float(dsph_row["train_seconds"]) == 12.5 and dsph_row["reused"] == "True"
+
+    md = (out / "comparison.md").read_text()
+    assert "| DCMHT | demo | 16 | 0.7500 0.8500 0.9500 |" in md
+    for name in ["heatmap_DSPH_demo_i2t.png", "heatmap_SCAHN_demo_t2i.png", "final_row.png", "code_length.png"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"({name})" in md
+
+
+def test_changed_config_runs_again_and_unfinished_resumes(tmp_path, no_training):
+    out = tmp_path / "cmp"
+    dsph = load_config(DSPH, [])
+    place(out, "DSPH_demo", fake_results("DSPH", dsph))
+    assert reusable(out / "runs" / "DSPH_demo", load_config(DSPH, ["runner.epochs=3"])) == "no"
+    assert reusable(out / "runs" / "DSPH_demo", load_config(DSPH, ["runner.progress=false"])) == "finished"
+    run_compare(args_for([DSPH], out, overrides=["runner.epochs=3"]))
+    assert len(no_training) == 1 and no_training[0]["config"]["runner"]["epochs"] == 3
+    assert not no_training[0]["resume"]
+
+    place(out, "DSPH_demo", fake_results("DSPH", dsph, status="running"))
+    run_compare(args_for([DSPH], out))
+    assert len(no_training) == 2 and no_training[1]["resume"]
+    # without --reuse everything runs afresh
+    run_compare(args_for([DSPH], out, reuse=False))
+    assert len(no_training) == 3 and not no_training[2]["resume"]
+
+
+def test_same_method_twice_gets_distinct_names_and_labels(tmp_path, no_training):
+    out = tmp_path / "cmp"
+    run_compare(args_for([DSPH, DSPH], out, reuse=False))
+    assert [c["dir"].name for c in no_training] == ["DSPH_demo", "DSPH_demo_2"]
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert rows[0]["method"] != rows[1]["method"]
+    assert not (out / "code_length.png").exists()      # no bit-scalable run
+
+
+def test_single_task_runs_have_no_bwt(tmp_path, no_training):
+    out = tmp_path / "cmp"
+    place(out, "DSPH_demo", fake_results("DSPH", load_config(DSPH, []), T=1))
+    run_compare(args_for([DSPH], out))
+    row = next(csv.DictReader((out / "comparison.csv").open()))
+    assert row["bwt_i2t"] == "" and row["acc_i2t"] != ""
+    assert "| DSPH | demo | 16 | 0.9000 | 0.8000 | 0.9000 | 0.8000 | - | - |" in (out / "comparison.md").read_text()
+
+
+def test_cli_wiring_and_bad_config_refused_before_running(tmp_path, no_training, capsys):
+    out = tmp_path / "cmp"
+    place(out, "DSPH_demo", fake_results("DSPH", load_config(DSPH, [])))
+    assert main.main(["compare", "--config-file", DSPH, "--output-dir", str(out), "--reuse", "--quiet"]) == 0
+    assert (out / "comparison.md").is_file()
+    code = main.main(["compare", "--config-file", DSPH, str(tmp_path / "missing.yaml"), "--output-dir", str(out)])
+    assert code == 2 and "config file not found" in capsys.readouterr().err
+    assert no_training == []                           # nothing ran: configs are checked first
+
+
+def test_corrupt_results_json_is_not_reused(tmp_path):
+    d = tmp_path / "runs" / "X"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text("{not json")
+    assert reusable(d, load_config(DSPH, [])) == "no"
+    with pytest.raises(compare.DataError, match="results.json"):
+        compare.load_results(d)

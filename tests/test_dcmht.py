@@ -1,0 +1,110 @@
+"""DCMHT: per-bit softmax heads, margin distance loss, the runner contract."""
+import math
+
+import pytest
+import torch
+
+from common.register import MODELS
+from models.base import Batch
+from models.dcmht import DCMHT, margin_distance_loss
+from hash_model_checks import (
+    assert_batch_independent, assert_every_parameter_gets_gradient, assert_finite_loss, batch_of, codes,
+    retrieval_map, single_thread, structured_task, train,  # noqa: F401  (fixture)
+)
+
+
+def make(bits=8, seed=0, **kw):
+    torch.manual_seed(seed)
+    return MODELS.get("DCMHT")(image_dim=20, text_dim=12, num_classes=4, bits=bits, **kw)
+
+
+def test_registered_and_shapes():
+    model = make(bits=8)
+    assert isinstance(model, DCMHT)
+    task = structured_task()
+    model.eval()
+    u = model.encode_image(task.query.image)
+    v = model.encode_text(task.query.text)
+    assert u.shape == (32, 8) and v.shape == (32, 8)
+    assert float(u.detach().abs().max()) <= 1 and float(v.detach().abs().max()) <= 1
+    probs = model.image_head(task.query.image)
+    assert probs.shape == (32, 8, 2)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(32, 8))
+    # the continuous code's sign is the argmax of each pair (index 1 -> +1)
+    arg = probs.argmax(-1)
+    decided = (probs[..., 1] - probs[..., 0]).abs() > 0
+    assert torch.equal((u > 0)[decided], (arg == 1)[decided])
+
+
+def test_width_not_divisible_by_heads_is_accepted():
+    torch.manual_seed(0)
+    model = MODELS.get("DCMHT")(image_dim=240, text_dim=76, num_classes=10, bits=16, heads=8)
+    model.eval()
+    assert model.encode_text(torch.randn(3, 76)).shape == (3, 16)
+
+
+def test_margin_loss_matches_a_loop():
+    torch.manual_seed(0)
+    a, b = torch.rand(5, 6), torch.rand(4, 6)
+    sim = (torch.rand(5, 4) > 0.5).float()
+    m = 1.3
+    pos = sum(sim[i, j] * ((a[i] - b[j]) ** 2).sum() for i in range(5) for j in range(4)) / 20
+    neg = sum((1 - sim[i, j]) * (m - min(float((a[i] - b[j]).norm()), m)) ** 2 for i in range(5) for j in range(4)) / 20
+    out = margin_distance_loss(a, b, sim, m)
+    assert abs(float(out["pos"]) - float(pos)) < 1e-5
+    assert abs(float(out["neg"]) - float(neg)) < 1e-5
+    assert math.isclose(make(bits=16, theta=0.75).margin, math.sqrt(24))
+
+
+def test_loss_parts_finite_and_self_pairs_have_finite_gradient():
+    model = make()
+    task = structured_task()
+    model.train()
+    parts = model.loss(batch_of(task.train, torch.arange(16)), 0)
+    assert_finite_loss(parts)
+    assert set(parts) >= {"i2t", "i2i", "t2t", "quantization", "loss"}
+    parts["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_every_parameter_gets_a_gradient():
+    assert_every_parameter_gets_gradient(make(), structured_task())
+
+
+def test_batch_independent_after_training():
+    model = make()
+    task = structured_task()
+    train(model, task, epochs=2)          # BatchNorm running statistics are no longer the defaults
+    assert_batch_independent(model, task.query)
+
+
+def test_deterministic_with_a_seed():
+    task = structured_task()
+    runs = []
+    for _ in range(2):
+        model = make(seed=3)
+        train(model, task, epochs=2, seed=5)
+        runs.append(codes(model, task.query))
+    assert torch.equal(runs[0]["image"], runs[1]["image"]) and torch.equal(runs[0]["text"], runs[1]["text"])
+
+
+def test_learns_structured_data():
+    task = structured_task()
+    model = make(bits=16)
+    before = retrieval_map(model, task)
+    history = train(model, task, epochs=30, lr=2e-2)
+    after = retrieval_map(model, task)
+    assert history[-1] < 0.3 * history[0]
+    assert after > 0.9 and after > before + 0.2
+
+
+def test_bad_theta_refused():
+    with pytest.raises(ValueError, match="theta"):
+        make(theta=0.0)
+
+
+def test_batch_of_one_in_eval_mode():
+    model = make()
+    model.eval()
+    out = model(Batch(torch.randn(1, 20), torch.randn(1, 12), torch.eye(4)[:1], torch.arange(1)), 0)
+    assert torch.isfinite(out["loss"])

@@ -1,0 +1,290 @@
+"""PBEH: shapes, prompt pools, batch independence, frozen old prompts, the exact
+extension test, bit growth at the end of the last layer, the prompt-hash anchor,
+checkpoint round trip, determinism and learning on structured data."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import models  # noqa: F401  (registers the models)
+from common.code_store import CodeStore
+from common.register import MODELS
+from dataset.synthetic import SyntheticDataset
+from models import losses as L
+from models.base import Batch, sign_codes
+from models.pbeh import PBEH, count_far_from_centre, majority_centre
+from utils.config import check_kwargs
+from utils.errors import ConfigError
+
+IMAGE_DIM, TEXT_DIM, CLASSES = 24, 20, 12
+SMALL = dict(bits=8, width=16, hidden=32, heads=2, prompt_divisor=20)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return SyntheticDataset(
+        num_classes=CLASSES, num_tasks=3, image_dim=IMAGE_DIM, text_dim=TEXT_DIM,
+        query_size=20, train_size=64, database_size=100, noise=0.5, seed=3,
+    ).load()
+
+
+def build(**kw) -> PBEH:
+    return MODELS.get("PBEH")(image_dim=IMAGE_DIM, text_dim=TEXT_DIM, num_classes=CLASSES, **{**SMALL, **kw})
+
+
+def train_task(model, task, t, steps=10, lr=3e-3, seed=0, batch=32):
+    """``begin_task`` plus a few optimiser steps the way the runner takes them."""
+    torch.manual_seed(seed + t)
+    model.begin_task(task, t)
+    groups = [{"params": [p for p in g["params"] if p.requires_grad], "lr": lr * g.get("lr_scale", 1.0)}
+              for g in model.param_groups(t)]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]])
+    gen = torch.Generator().manual_seed(seed + 100 * t)
+    history = []
+    model.begin_epoch(task, t, 0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randperm(len(task.train), generator=gen)[:batch]
+        fs = task.train
+        losses = model.loss(Batch(fs.image[idx], fs.text[idx], fs.labels[idx], idx), t)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+    model.eval()
+    return history
+
+
+def finish_task(model, task, t, store):
+    with torch.no_grad():
+        db = task.database
+        store.add(t, sign_codes(model.encode_image(db.image, t)), sign_codes(model.encode_text(db.text, t)), db.labels)
+    model.end_task(task, t, store)
+
+
+def run_tasks(stream, n, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = build(**kw)
+    store = CodeStore()
+    for t in range(n):
+        train_task(model, stream.tasks[t], t, seed=seed)
+        finish_task(model, stream.tasks[t], t, store)
+    return model, store
+
+
+# ---------------------------------------------------------------------- the extension test
+def brute_far(codes: torch.Tensor) -> int:
+    """Reference: majority per bit by counting, distances by a Python loop."""
+    n, k = codes.shape
+    centre = [1 if sum(int(codes[i, j] > 0) for i in range(n)) * 2 >= n else -1 for j in range(k)]
+    return sum(1 for i in range(n) if 2 * sum(int(codes[i, j]) != centre[j] for j in range(k)) > k)
+
+
+def store_with(codes_by_task):
+    store = CodeStore()
+    for t, (img, txt) in enumerate(codes_by_task):
+        store.add(t, img, txt, torch.zeros(img.shape[0], 2))
+    return store
+
+
+def test_majority_centre_and_far_count_are_exact():
+    gen = torch.Generator().manual_seed(0)
+    for n, k in ((7, 8), (10, 9), (1, 4), (6, 16)):
+        codes = (torch.randint(0, 2, (n, k), generator=gen) * 2 - 1).to(torch.int8)
+        assert count_far_from_centre(codes) == brute_far(codes)
+    ties = torch.tensor([[1, -1], [-1, 1]], dtype=torch.int8)
+    assert majority_centre(ties).tolist() == [1, 1]  # a tied bit counts as +1
+
+
+def test_extension_fires_only_when_codes_spread():
+    k = 8
+    centre = torch.ones(k, dtype=torch.int8)
+    near = centre.repeat(20, 1)
+    near[::4, 0] = -1  # one flipped bit: 1 <= K/2, never far
+    spread = near.clone()
+    spread[:6, :5] = -1  # 6 of 20 codes at distance 5 > K/2
+    model = build(extend_threshold=0.1, extend_bits=2)
+    assert count_far_from_centre(spread) == 6
+    assert not model.decide_extension(store_with([(near, near)]), 0)
+    assert model.decide_extension(store_with([(near, spread)]), 1)  # one modality is enough
+    # the test reads only the codes of the newest length
+    long_near = torch.ones(20, k + 2, dtype=torch.int8)
+    assert not model.decide_extension(store_with([(spread, spread), (long_near, long_near)]), 2)
+    assert [r["extend"] for r in model.extension_tests] == [False, True, False]
+    assert model.extension_tests[1]["far_text"] == 6 and model.extension_tests[1]["far_image"] == 0
+    # threshold 0 extends after every task; extend_bits 0 never extends
+    assert build(extend_threshold=0.0).decide_extension(store_with([(near, near)]), 0)
+    assert not build(extend_threshold=0.0, extend_bits=0).decide_extension(store_with([(spread, spread)]), 0)
+
+
+def test_extension_appends_bits_at_the_end_and_keeps_old_prefixes(stream):
+    torch.manual_seed(0)
+    model = build(extend_threshold=0.0, extend_bits=3)
+    store = CodeStore()
+    train_task(model, stream.tasks[0], 0)
+    finish_task(model, stream.tasks[0], 0, store)
+    assert model.pending_extension and model.bits == 8
+    old_last = {m: (getattr(model, m).last.weight.clone(), getattr(model, m).last.bias.clone())
+                for m in ("image_net", "text_net")}
+    q = stream.tasks[0].query
+    with torch.no_grad():
+        before = (model.encode_image(q.image, 0), model.encode_text(q.text, 0))
+    torch.manual_seed(1)
+    model.begin_task(stream.tasks[1], 1)
+    assert model.bits == 11 and model.bit_history == [8, 11]
+    for m, (w, b) in old_last.items():
+        last = getattr(model, m).last
+        assert last.out_features == 11
+        assert torch.equal(last.weight[:8], w) and torch.equal(last.bias[:8], b)
+        assert not torch.equal(last.weight[8:], torch.zeros_like(last.weight[8:]))  # new rows initialised
+    with torch.no_grad():
+        after = (model.encode_image(q.image, 0), model.encode_text(q.text, 0))
+    for b, a in zip(before, after):
+        assert a.shape == (len(q), 11)
+        assert torch.equal(sign_codes(a[:, :8]), sign_codes(b))  # old bits keep their meaning
+
+
+def test_anchor_keeps_old_prompt_codes(stream):
+    """Training a later task with the prompt-hash anchor moves the old prompts' codes
+    (their first K_k bits) less than training without it."""
+    drift = {}
+    for weight in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = build(anchor_weight=weight, extend_threshold=0.0, extend_bits=2)
+        store = CodeStore()
+        train_task(model, stream.tasks[0], 0, steps=15)
+        finish_task(model, stream.tasks[0], 0, store)
+        saved = model.anchor_0.clone()
+        history = train_task(model, stream.tasks[1], 1, steps=40, lr=1e-2)
+        assert ("anchor" in history[-1]) and model.bits == 10
+        with torch.no_grad():
+            now = torch.nn.functional.normalize(model.prompt_logits(0)[:, :8], dim=1)
+        drift[weight] = float(L.anchor_l1(now, saved))
+        flips = int((torch.sign(now) != torch.sign(saved)).sum())
+        drift[(weight, "flips")] = flips
+    assert drift[5.0] < 0.5 * drift[0.0]
+    assert drift[(5.0, "flips")] <= drift[(0.0, "flips")]
+
+
+# ---------------------------------------------------------------------- the model
+def test_shapes_and_prompt_pools(stream):
+    model, _ = run_tasks(stream, 2, extend_threshold=0.0, extend_bits=1)
+    n_train = len(stream.tasks[0].train)
+    assert model.prompts.sizes() == [math.ceil(n_train / 20), math.ceil(len(stream.tasks[1].train) / 20)]
+    assert model.bits == 9 and model.pending_extension
+    q = stream.tasks[1].query
+    with torch.no_grad():
+        for t in (0, 1, None):
+            assert model.encode_image(q.image, t).shape == (len(q), 9)
+            assert model.encode_text(q.text, t).shape == (len(q), 9)
+    history = train_task(model, stream.tasks[2], 2, steps=1)
+    assert set(history[0]) == {"cosine", "similarity", "quant", "contrastive", "distill", "anchor", "loss"}
+    assert model.bits == 10
+
+
+def test_old_queries_use_their_own_prompt_pool(stream):
+    model, _ = run_tasks(stream, 2)
+    q = stream.tasks[0].query
+    with torch.no_grad():
+        own = model.encode_image(q.image, 0)
+        newest = model.encode_image(q.image, 1)
+        pool = model.prompts[0]
+        x = model.image_in(q.image)
+        manual = model.image_net(model._enhance(x, pool, model.image_attn))
+    assert torch.equal(own, manual)
+    assert not torch.equal(own, newest)
+
+
+def test_encoding_is_batch_independent(stream):
+    model, _ = run_tasks(stream, 2)
+    q = stream.tasks[1].query
+    with torch.no_grad():
+        for t in (0, 1, None):
+            for encode, x in ((model.encode_image, q.image), (model.encode_text, q.text)):
+                together = encode(x, t)
+                alone = torch.cat([encode(x[i:i + 1], t) for i in range(len(x))])
+                assert torch.allclose(together, alone, atol=1e-6)
+                assert torch.equal(sign_codes(together), sign_codes(alone))
+
+
+def test_old_prompts_frozen(stream):
+    torch.manual_seed(0)
+    model = build()
+    store = CodeStore()
+    train_task(model, stream.tasks[0], 0)
+    finish_task(model, stream.tasks[0], 0, store)
+    old = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("prompts.prompts.0", "image_in", "text_in"))}
+    assert len(old) == 5
+    net_before = model.image_net.body[0].weight.clone()
+    train_task(model, stream.tasks[1], 1, lr=1e-2)
+    state = model.state_dict()
+    for k, v in old.items():
+        assert torch.equal(state[k], v), k
+    assert not torch.equal(model.image_net.body[0].weight, net_before)  # the shared nets did train
+    trainable = {id(p) for g in model.param_groups(1) for p in g["params"]}
+    assert id(model.prompts[0]) not in trainable and id(model.prompts[1]) in trainable
+    groups = {g["name"]: g for g in model.param_groups(1)}
+    assert groups["nets"]["lr_scale"] == 0.1 and groups["prompt"]["lr_scale"] == 1.0
+
+
+def test_checkpoint_round_trip_gives_identical_codes(stream):
+    model, store = run_tasks(stream, 2, extend_threshold=0.0, extend_bits=2)
+    structure, state = copy.deepcopy(model.structure()), copy.deepcopy(model.state_dict())
+    assert structure["pending_extension"] and structure["bit_history"] == [8, 10] and structure["anchor_bits"] == [8, 10]
+    fresh = build(extend_threshold=0.0, extend_bits=2)
+    fresh.build_structure(structure)
+    fresh.load_state_dict(state)
+    fresh.eval()
+    q = stream.tasks[1].query
+    with torch.no_grad():
+        for t in (0, 1, None):
+            assert torch.equal(model.encode_image(q.image, t), fresh.encode_image(q.image, t))
+            assert torch.equal(model.encode_text(q.text, t), fresh.encode_text(q.text, t))
+    assert fresh.structure() == structure
+    h1 = train_task(model, stream.tasks[2], 2, steps=3)
+    h2 = train_task(fresh, stream.tasks[2], 2, steps=3)
+    assert h1 == h2 and model.bits == fresh.bits == 12
+
+
+def test_same_seed_same_codes(stream):
+    a, _ = run_tasks(stream, 2, seed=5)
+    b, _ = run_tasks(stream, 2, seed=5)
+    c, _ = run_tasks(stream, 2, seed=6)
+    q = stream.tasks[0].query
+    with torch.no_grad():
+        assert torch.equal(a.encode_text(q.text, 0), b.encode_text(q.text, 0))
+        assert not torch.equal(a.encode_text(q.text, 0), c.encode_text(q.text, 0))
+
+
+def test_loss_decreases_on_structured_data(stream):
+    torch.manual_seed(0)
+    model = build()
+    history = train_task(model, stream.tasks[0], 0, steps=40, lr=3e-3)
+    first = sum(h["loss"] for h in history[:5]) / 5
+    last = sum(h["loss"] for h in history[-5:]) / 5
+    assert last < 0.8 * first
+
+
+def test_bad_config_refused():
+    with pytest.raises(ConfigError, match="model.width"):
+        build(width=15, heads=2)
+    with pytest.raises(ConfigError, match="extend_threshold"):
+        build(extend_threshold=-0.1)
+    with pytest.raises(ConfigError, match="extend_bits"):
+        check_kwargs(PBEH, {"extend_bits": 1.5}, "model", skip=("image_dim", "text_dim", "num_classes"))
+    with pytest.raises(ValueError, match="expected task index 0"):
+        build().begin_task(None, 2)
+
+
+def test_supervised_contrastive_prefers_label_structure():
+    torch.manual_seed(0)
+    labels = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]])
+    good = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [-1.0, 0.1], [-1.0, -0.1]]), dim=1)
+    bad = good[[0, 2, 1, 3]]
+    assert L.supervised_contrastive_loss(good, labels, 0.1) < L.supervised_contrastive_loss(bad, labels, 0.1)
+    target = L.sigmoid_label_similarity(labels, labels, 16.0)
+    assert torch.allclose(target.diagonal(), torch.full((4,), 2 * torch.sigmoid(torch.tensor(1 / 16)) - 1))
+    assert float(target[0, 2]) == 0.0
