@@ -1,8 +1,9 @@
 """Command line of the continual cross-modal hashing library.
 
 ``python main.py --config-file configs/CASH/demo.yaml`` trains and evaluates one config
-(the ``train`` command, the default). Other commands: ``compare``, ``extract``,
-``list``. ``python main.py COMMAND --help`` explains each. Importing this module fills
+(the ``train`` command, the default). Other commands: ``compare``, ``evaluate``,
+``extract``, ``index``, ``search``, ``list``; ``python main.py COMMAND --help``
+explains each. Importing this module fills
 every registry and runs nothing.
 """
 from __future__ import annotations
@@ -19,7 +20,6 @@ import runners  # noqa: F401  (registers runners, optimisers, schedules)
 from common.register import DATASETS, MODELS, OPTIMIZERS, RUNNERS
 from utils.errors import UserError
 
-COMMANDS = ("train", "compare", "extract", "list")
 
 
 def default_output_dir(config_file: str | Path) -> Path:
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands: Dict[str, tuple] = {
         "compare": ("runners.compare", "add_compare_arguments", "run_compare",
                     "run several configs (or reuse finished runs) and write a side-by-side table and plots"),
+        "evaluate": ("runners.evaluate_cli", "add_evaluate_arguments", "run_evaluate",
+                     "re-score a finished run from its checkpoint and stored codes (mAP@K, tie-aware mAP, "
+                     "precision@N, PR curve) without retraining"),
         "extract": ("dataset.extract_cli", "add_extract_arguments", "run_extract",
                     "extract CLIP image/text features from raw images and captions into a feature cache"),
         "index": ("runners.search", "add_index_arguments", "run_index",

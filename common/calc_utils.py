@@ -12,17 +12,22 @@ project's metrics reference):
   no relevant item scores 0), so it is never NaN.
 
 Inputs may be NumPy arrays or torch tensors with {-1,+1} codes of any dtype. On CPU
-the work runs in NumPy (packed XOR-popcount distances, one unique-key sort per query,
-a few passes per query row in worker threads); for CUDA tensors it runs in torch on
-that device, in query chunks. Memory stays O(N) per CPU worker and O(chunk x N) on a
-GPU: never a full Q x N matrix.
+the work runs in a numba kernel when numba is installed (packed XOR-popcount distances
+and no sort: distances are integers 0..bits, so two counting passes per query give
+every rank; queries in parallel on numba's threads), else in NumPy (one unique-key sort
+per query, worker threads); for CUDA tensors it runs in torch on that device, in query
+chunks. Memory stays O(N) per CPU thread and O(chunk x N) on a GPU: never a full Q x N
+matrix. numba is imported on first use only.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
 import sys
+import threading
+import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -42,7 +47,7 @@ __all__ = [
 ]
 
 TIES = ("index", "average")
-BACKENDS = ("auto", "numpy", "torch")
+BACKENDS = ("auto", "numba", "numpy", "torch")
 # Bytes of scratch memory per query chunk on the torch path (about 64 bytes per
 # query x database pair are alive at once).
 _TORCH_CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 1 << 28}
@@ -210,14 +215,25 @@ def _prepare(query_codes: Any, db_codes: Any, query_labels: Any, db_labels: Any)
 
 
 def _choose_backend(inp: _Inputs, backend: str) -> Tuple[str, Any]:
-    """('numpy', None) or ('torch', device): CUDA tensors run in torch on their device."""
+    """('numba' | 'numpy', None) or ('torch', device).
+
+    "auto": CUDA tensors run in torch on their device; everything else runs in the numba
+    kernel when numba is importable (and the sizes fit its integer layout), else in NumPy.
+    """
     if backend not in BACKENDS:
         raise MetricInputError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     devices = {x.device for x in inp.arrays() if _is_tensor(x)}
     non_cpu = sorted((d for d in devices if d.type != "cpu"), key=str)
     if len(non_cpu) > 1:
         raise MetricInputError(f"inputs live on several devices: {[str(d) for d in non_cpu]}")
-    if backend == "numpy" or (backend == "auto" and not non_cpu):
+    if backend == "numba" or (backend == "auto" and not non_cpu and _USE_NUMBA):
+        if _numba_fits(inp) and _numba_available():
+            return "numba", None
+        if backend == "numba":
+            why = "numba is not installed" if not _numba_available() else (
+                f"{inp.bits}-bit codes x {inp.num_items} items exceed its integer layout")
+            raise MetricInputError(f"backend: 'numba' unavailable ({why}); use 'auto' or 'numpy'")
+    if backend in ("numpy", "auto") and not (backend == "auto" and non_cpu):
         return "numpy", None
     import torch  # only the torch path needs it
 
@@ -535,6 +551,292 @@ def _np_run(fn, plan: _NumpyPlan, num_rows: int, chunk_size: Optional[int], num_
     return np.concatenate(parts, axis=0)
 
 
+# ============================================================================ numba engine
+# No sort at all: distances are integers 0..bits and a tie keeps ascending database
+# index, so one pass in index order with a running (items, relevant items) counter per
+# distance gives every relevant item its position inside its distance group; with the
+# per-distance totals from the same pass, rank = items at smaller distances + position
+# and hits = relevant items at smaller distances + relevant position. The kernel below
+# is plain Python (it runs as such, slowly, with `_prange = range`); _numba_engine()
+# compiles a copy of it with numba.prange, so importing this module never imports numba.
+_USE_NUMBA = True  # False: backend="auto" takes the NumPy path even if numba is installed
+_prange = range
+# Popcount by SWAR bit tricks: LLVM turns this exact pattern into popcnt / vpopcntq.
+_M1 = np.uint64(0x5555555555555555)
+_M2 = np.uint64(0x3333333333333333)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+_U0, _U1, _U2, _U4, _U56 = (np.uint64(v) for v in (0, 1, 2, 4, 56))
+_NB_SUM_BLOCK = 1024  # a query's AP terms are summed in blocks, then the block sums
+
+
+def _nb_rank_kernel(qw, dw, seg_start, seg_mask, qlab, dlab, key_proto, nbins, sh_r, depth, ns,
+                    want_ap, want_hist, block, ap_out, cnt_out, hist_out):
+    """Per distinct query: AP over ranks <= depth, relevant counts at ranks <= ns, histograms.
+
+    qw (Q, W) / dw (W, N): uint64 code words (database as word planes, zero past each
+    segment's bits); seg_start (S+1,), seg_mask (S, W): a segment's items and the mask of
+    its code prefix; qlab (Q, LW) / dlab (LW, N): uint64 label words; key_proto: an empty
+    array whose dtype holds 2 * bits + 1; sh_r: bits of a count (N < 2**sh_r); ns: sorted.
+    Outputs: ap_out (Q,), cnt_out (Q, len(ns)), hist_out (Q or 1, 2, nbins).
+    Every query is computed alone, in the same order of operations whatever the thread.
+    """
+    num_q = qw.shape[0]
+    words = qw.shape[1]
+    n = dw.shape[1]
+    lwords = qlab.shape[1]
+    nseg = seg_mask.shape[0]
+    nns = ns.shape[0]
+    max_n = ns[nns - 1] if nns > 0 else 0
+    sh_r = np.uint64(sh_r)
+    sh_d = np.uint64(2) * sh_r
+    low = (_U1 << sh_r) - _U1
+    one = key_proto.dtype.type(1)
+    # ranks that must be exact: all (histograms), else the deepest of AP@depth and ns
+    reach = n if want_hist else max(depth if want_ap else 0, max_n)
+    nblocks = (num_q + block - 1) // block
+    for blk in _prange(nblocks):
+        # O(N) scratch per block (a block runs on one thread)
+        key = np.empty(n, key_proto.dtype)
+        packed = np.empty(n, np.uint64)
+        state = np.empty(nbins, np.uint64)
+        less = np.empty(nbins, np.float64)  # items / relevant items at smaller distances
+        rless = np.empty(nbins, np.float64)  # (integers, exact in float64)
+        for i in range(blk * block, min(num_q, (blk + 1) * block)):
+            ap_out[i] = 0.0
+            for c in range(nns):
+                cnt_out[i, c] = 0.0
+            has_label = False
+            for w in range(lwords):
+                if qlab[i, w] != _U0:
+                    has_label = True
+            if not has_label and not want_hist:
+                continue
+            # 1. key = distance << 1 | relevant: vectorised passes over the word planes
+            for s in range(nseg):
+                lo = seg_start[s]
+                hi = seg_start[s + 1]
+                ks = key[lo:hi]
+                for w in range(words):
+                    m = seg_mask[s, w]
+                    if w > 0 and m == _U0:
+                        break
+                    qm = qw[i, w] & m
+                    ds = dw[w, lo:hi]
+                    if w == 0:
+                        for j in range(hi - lo):
+                            x = qm ^ ds[j]
+                            x = x - ((x >> _U1) & _M1)
+                            x = (x & _M2) + ((x >> _U2) & _M2)
+                            x = (x + (x >> _U4)) & _M4
+                            ks[j] = (x * _H01) >> _U56
+                    else:
+                        for j in range(hi - lo):
+                            x = qm ^ ds[j]
+                            x = x - ((x >> _U1) & _M1)
+                            x = (x & _M2) + ((x >> _U2) & _M2)
+                            x = (x + (x >> _U4)) & _M4
+                            ks[j] += (x * _H01) >> _U56
+            first = True
+            for w in range(lwords):
+                qlw = qlab[i, w]
+                if qlw == _U0:
+                    continue
+                dl = dlab[w]
+                if first:
+                    for j in range(n):
+                        key[j] = (key[j] << one) | ((qlw & dl[j]) != _U0)
+                    first = False
+                else:
+                    for j in range(n):
+                        key[j] |= (qlw & dl[j]) != _U0
+            if first:
+                for j in range(n):
+                    key[j] = key[j] << one
+            # 2. one pass in index order: state[d] = d | relevant seen | items seen (bit
+            # fields, unsigned: no negative-index checks); each relevant item leaves its
+            # state word in `packed`
+            for d in range(nbins):
+                state[d] = np.uint64(d) << sh_d
+            nr = 0
+            for j in range(n):
+                c = np.uint64(key[j])
+                r = c & _U1
+                v = state[c >> _U1] + _U1 + (r << sh_r)
+                state[c >> _U1] = v
+                packed[nr] = v
+                nr += r
+            before = 0
+            rbefore = 0
+            dmax = _U0  # the distance of rank `reach`: farther items rank below it
+            for d in range(nbins):
+                cnt = np.int64(state[d] & low)
+                rc = np.int64((state[d] >> sh_r) & low)
+                less[d] = before
+                rless[d] = rbefore
+                if before < reach:
+                    dmax = np.uint64(d)
+                before += cnt
+                rbefore += rc
+                if want_hist:
+                    hist_out[i, 0, d] = cnt - rc
+                    hist_out[i, 1, d] = rc
+            if reach < n:  # keep only the relevant items at distances <= dmax (in place)
+                kept = 0
+                for t in range(nr):
+                    v = packed[t]
+                    packed[kept] = v
+                    kept += (v >> sh_d) <= dmax
+                nr = kept
+            if nr == 0:
+                continue
+            # 3. rank = less + position, hits = rless + relevant position (index order)
+            if want_ap:
+                kept = 0
+                total = 0.0
+                for start in range(0, nr, _NB_SUM_BLOCK):
+                    part = 0.0
+                    for t in range(start, min(nr, start + _NB_SUM_BLOCK)):
+                        v = packed[t]
+                        d = v >> sh_d
+                        rank = less[d] + np.float64(v & low)
+                        if rank <= depth:
+                            part += (rless[d] + np.float64((v >> sh_r) & low)) / rank
+                            kept += 1
+                    total += part
+                if kept > 0:
+                    ap_out[i] = total / kept
+            if nns > 0:
+                for t in range(nr):
+                    v = packed[t]
+                    rank = less[v >> sh_d] + np.float64(v & low)
+                    if rank <= max_n:
+                        for c in range(nns):
+                            if rank <= ns[c]:
+                                cnt_out[i, c] += 1.0
+
+
+@dataclass
+class _NumbaEngine:
+    """The compiled kernel, numba itself, and a lock: one kernel launch at a time (numba's
+    workqueue threading layer aborts on concurrent launches from several Python threads)."""
+
+    numba: Any
+    kernel: Any
+    lock: Any
+
+
+@functools.lru_cache(maxsize=1)
+def _numba_engine() -> Optional[_NumbaEngine]:
+    """Import numba and wrap the kernel; None if numba is not importable.
+
+    Compilation happens at the first call of each key width (uint8 / uint16 keys), about
+    4 s each, and is cached on disk next to this file (__pycache__, or numba's user cache
+    dir if that is read-only); later processes load it in well under a second.
+    error_model="numpy": no zero-division checks (every divisor is a rank >= 1), which
+    lets LLVM vectorise the loops.
+    """
+    try:
+        import numba
+    except ImportError:
+        return None
+    g = dict(_nb_rank_kernel.__globals__)
+    g["_prange"] = numba.prange
+    fn = types.FunctionType(_nb_rank_kernel.__code__, g, _nb_rank_kernel.__name__)
+    fn.__qualname__ = _nb_rank_kernel.__qualname__
+    options = dict(parallel=True, nogil=True, error_model="numpy")
+    try:
+        kernel = numba.njit(cache=True, **options)(fn)
+    except RuntimeError:  # no writable cache location: compile in every process instead
+        kernel = numba.njit(**options)(fn)
+    return _NumbaEngine(numba, kernel, threading.Lock())
+
+
+def _numba_available() -> bool:
+    return _numba_engine() is not None
+
+
+def _numba_key_dtype(bits: int) -> Optional[Any]:
+    """Key = distance << 1 | relevant: uint8 up to 127 bits, uint16 up to 32767."""
+    return np.uint8 if 2 * bits + 1 <= 0xFF else np.uint16 if 2 * bits + 1 <= 0xFFFF else None
+
+
+def _numba_fits(inp: _Inputs) -> bool:
+    """Whether the kernel's integer layout holds these sizes (else the NumPy path runs)."""
+    sh_r = max(1, inp.num_items.bit_length())
+    return _numba_key_dtype(inp.bits) is not None and 2 * sh_r + (inp.bits + 1).bit_length() <= 63
+
+
+def _stack_words(bits: np.ndarray, nwords: int) -> np.ndarray:
+    """Bool (n, b) -> uint64 (n, nwords), zero past the b bits."""
+    return np.stack(_pack_words(bits, [8] * nwords), axis=1) if bits.shape[0] else np.zeros((0, nwords), np.uint64)
+
+
+@contextlib.contextmanager
+def _numba_threads(numba: Any, threads: int):
+    """numba's thread count for this call (thread-local in numba), restored afterwards;
+    blocks of queries go to threads one at a time (dynamic schedule)."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        with numba.parallel_chunksize(1):
+            yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _numba_run(inp: _Inputs, rows: np.ndarray, what: str, chunk_size: Optional[int],
+               num_threads: Optional[int], *args) -> np.ndarray:
+    """Run the kernel on the distinct query rows; same outputs as the NumPy engine."""
+    engine = _numba_engine()
+    bits, n = inp.bits, inp.num_items
+    nwords = -(-bits // 64)
+    qw = _stack_words(_to_numpy(inp.qcodes)[rows] > 0, nwords)
+    planes, masks, starts = [], [], [0]
+    for codes, _ in inp.segments:
+        c = _to_numpy(codes) > 0
+        seg_bits = int(c.shape[1])
+        planes.append(_stack_words(c, nwords))
+        prefix = np.zeros((1, bits), dtype=bool)
+        prefix[0, :seg_bits] = True
+        masks.append(_stack_words(prefix, nwords)[0])
+        starts.append(starts[-1] + int(c.shape[0]))
+    dw = np.ascontiguousarray(np.concatenate(planes, axis=0).T)
+    seg_mask = np.ascontiguousarray(np.stack(masks))
+    seg_start = np.array(starts, dtype=np.int64)
+    lwords = max(1, -(-int(inp.qlabels.shape[1]) // 64))
+    qlab = _stack_words(_to_numpy(inp.qlabels)[rows] != 0, lwords)
+    dl = np.concatenate([_to_numpy(lab) != 0 for _, lab in inp.segments], axis=0)
+    dlab = np.ascontiguousarray(_stack_words(dl, lwords).T)
+    num_q = len(rows)
+    nbins = bits + 1
+    k, ns = (args[1], args[2]) if what == "topn" else (None, [])
+    want_ap = what == "ap_all" or (what == "topn" and k is not None)
+    want_hist = what == "hist"
+    depth = min(int(k), n) if (what == "topn" and k) else n
+    order = sorted(set(min(int(m), n) for m in ns))
+    ns_arr = np.array(order, dtype=np.int64)
+    ap = np.zeros(num_q, dtype=np.float64)
+    cnt = np.zeros((num_q, len(order)), dtype=np.float64)
+    hist = np.zeros((num_q if want_hist else 1, 2, nbins), dtype=np.int64)
+    threads = _default_threads() if num_threads is None else max(1, int(num_threads))
+    threads = min(threads, int(engine.numba.config.NUMBA_NUM_THREADS))
+    if num_q * n < _THREADS_MIN_PAIRS:
+        threads = 1
+    block = chunk_size or max(1, -(-num_q // (8 * threads)))
+    with engine.lock, _numba_threads(engine.numba, threads):
+        engine.kernel(
+            qw, dw, seg_start, seg_mask, qlab, dlab, np.empty(0, dtype=_numba_key_dtype(bits)),
+            nbins, max(1, n.bit_length()), depth, ns_arr, want_ap, want_hist, block, ap, cnt, hist,
+        )
+    if what == "ap_all":
+        return ap
+    if what == "hist":
+        return hist
+    cols = ([ap] if k else []) + [cnt[:, order.index(min(int(m), n))] for m in ns]
+    return np.stack(cols, axis=1)
+
+
 # ============================================================================ torch engine
 class _TorchPlan:
     """Query and database codes/labels as float tensors on one device, for chunked work.
@@ -656,7 +958,9 @@ def _per_query(
         chunk_size = _check_k("chunk_size", chunk_size)
     kind, device = _choose_backend(inp, backend)
     rows, inverse = _unique_queries(inp)
-    if kind == "numpy":
+    if kind == "numba":
+        res = _numba_run(inp, rows, what, chunk_size, num_threads, *args)
+    elif kind == "numpy":
         plan = _numpy_plan(inp, rows)
         fn = {"ap_all": _np_ap_all, "topn": _np_topn, "hist": _np_hist}[what]
         res = _np_run(fn, plan, len(rows), chunk_size, num_threads, *args)
@@ -814,8 +1118,10 @@ def calc_map_k(
     ``db_codes``/``db_labels`` may be lists of segments (truncated matching: segment s
     is compared on the first L_s bits of the query; the global index is their
     concatenation). ``chunk_size``: queries per block (CPU) or per batch (torch);
-    ``backend``: "auto" (NumPy unless inputs are CUDA tensors), "numpy" or "torch";
-    ``num_threads``: CPU worker threads (default: available cores, at most 8).
+    ``backend``: "auto" (torch for CUDA tensors, else numba if installed, else NumPy),
+    "numba", "numpy" or "torch"; ``num_threads``: CPU threads (default: available cores,
+    at most 8). Results do not depend on chunk_size, num_threads or the CPU backend
+    (beyond float64 rounding: the backends sum the same terms in different orders).
     """
     k = _check_k("k", k)
     ties = _check_ties(ties)

@@ -17,6 +17,10 @@ taken with ``forward_intermediates`` after the tower's final LayerNorm and poole
 tower pools its output (image: class token, or the token mean for ``avg`` pooling;
 text: the end-of-text token), in tower width (not projected). With the ``mean`` caption
 policy the text layers are the mean over the captions (not re-normalised).
+
+Several processes (``torchrun --nproc-per-node=N main.py extract ...``): each chunk's
+batches are split over the ranks, rank 0 gathers them in order and alone writes the one
+cache; every batch is one a single process encodes, so the file is the same bit for bit.
 """
 from __future__ import annotations
 
@@ -710,7 +714,8 @@ def _run_chunks(
     # Ranks split each chunk's list of batches (shard_bounds over batches, not rows), so
     # every batch any rank encodes is one a single process encodes: the features are
     # bit-identical. (Splitting rows would regroup them into other batches, and batch
-    # composition moves floats by rounding, e.g. through the trimmed text length.)
+    # composition moves features by ~1e-7: the trimmed text length follows the batch's
+    # longest caption, and a batch of one takes another matmul path.)
     chunks = [(s, min(s + cs, n)) for s in range(done, n, cs)]
     plan = [[list(range(b, min(b + bs, e))) for b in range(s, e, bs)] for s, e in chunks]
     mine = [batches[slice(*shard_bounds(len(batches), ctx))] for batches in plan]
@@ -724,8 +729,8 @@ def _run_chunks(
     it = iter(loader)
     try:
         for (start, end), batches, own in zip(chunks, plan, mine):
-            encoded: List[Dict[str, torch.Tensor]] = []
-            with collective_step(ctx):
+            with collective_step(ctx):  # every rank encodes its run of the chunk's batches
+                encoded: List[Dict[str, torch.Tensor]] = []
                 for _ in own:
                     idx, images, error = next(it)
                     if error:
@@ -733,10 +738,11 @@ def _run_chunks(
                         raise DataError(f"{samples.paths[i]}: cannot read the image ({msg})")
                     encoded.append(_encode_batch(clip, samples, idx, images, indices, device, amp, options.caption_policy))
                     bar.update(len(idx))
-            arrays = _gather_chunk(encoded, batches, [len(b) for b in own], dims, bs, device, ctx)
-            with collective_step(ctx):
+                local = _pack_batches(encoded, [len(b) for b in own], dims, bs, device)
+            blocks = gather_rows(local, len(batches), ctx)  # (batches in the chunk, batch_size, width), in order
+            with collective_step(ctx):  # rank 0 writes the chunk; then `done` moves
                 if writer is not None:
-                    writer.write(start, arrays)
+                    writer.write(start, _unpack_chunk(blocks, batches, dims))
             bar.update(end - start - sum(len(b) for b in own))  # the other ranks' rows
             done, written = end, written + 1
             if stop_after_chunks is not None and written >= stop_after_chunks and end < n:
@@ -747,28 +753,30 @@ def _run_chunks(
     return "complete", done
 
 
-def _gather_chunk(
+def _pack_batches(
     encoded: List[Dict[str, torch.Tensor]],
-    batches: List[List[int]],
-    own_sizes: List[int],
+    sizes: List[int],
     dims: Dict[str, Tuple[int, ...]],
     bs: int,
     device: torch.device,
-    ctx: DistContext,
-) -> Optional[Dict[str, np.ndarray]]:
-    """This rank's encoded batches -> the chunk's arrays in sample order on rank 0 (None
-    elsewhere). Each batch is packed into one (batch_size, width) float32 block (padded
-    after a short last batch), the ranks' runs of blocks are gathered with
-    ``gather_rows`` (one block = one row), and the padding is cut again: exact copies,
-    no row doubled or lost. Per-layer features become float16 only here."""
+) -> torch.Tensor:
+    """This rank's encoded batches as one (batches, batch_size, width) float32 tensor:
+    every feature of a sample side by side in one row, a short batch padded with zeros,
+    so that ``gather_rows`` can gather whole batches (one batch = one "row")."""
     widths = [int(np.prod(shape)) for shape in dims.values()]
     local = torch.zeros((len(encoded), bs, sum(widths)), dtype=torch.float32, device=device)
-    for j, (arrays, size) in enumerate(zip(encoded, own_sizes)):
+    for j, (arrays, size) in enumerate(zip(encoded, sizes)):
         local[j, :size] = torch.cat([arrays[k].reshape(size, -1) for k in dims], dim=1)
-    full = gather_rows(local, len(batches), ctx)
-    if not ctx.is_main:
-        return None
-    rows = torch.cat([full[j, :len(b)] for j, b in enumerate(batches)]).cpu()
+    return local
+
+
+def _unpack_chunk(
+    blocks: torch.Tensor, batches: List[List[int]], dims: Dict[str, Tuple[int, ...]]
+) -> Dict[str, np.ndarray]:
+    """The gathered batches of a chunk -> its arrays in sample order; the padding is cut
+    (exact copies, no row doubled or lost). Per-layer features become float16 only here."""
+    widths = [int(np.prod(shape)) for shape in dims.values()]
+    rows = torch.cat([blocks[j, :len(b)] for j, b in enumerate(batches)]).cpu()
     out: Dict[str, np.ndarray] = {}
     for (name, shape), part in zip(dims.items(), rows.split(widths, dim=1)):
         arr = part.reshape(len(rows), *shape).numpy()

@@ -78,40 +78,77 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    """Run the ``extract`` command; returns the exit status."""
+    """Run the ``extract`` command; returns the exit status.
+
+    Under ``torchrun --nproc-per-node=N`` the ranks share the encoding (NCCL on GPUs,
+    gloo on CPU) and write the one cache a single process writes; rank 0 alone logs,
+    shows progress, writes and reports. An error stops every rank; rank 0 prints it.
+    """
     import torch
 
-    from dataset.clip_extract import ExtractOptions, ModelSpec, extract_features, register_model_config, resolve_weights
-    from dataset.raw_sources import PathRewrite, read_source
+    from dataset.clip_extract import pick_device
+    from utils.distributed import init_distributed, shutdown
     from utils.errors import UserError
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads: must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    spec = ModelSpec(
-        model=register_model_config(args.model_config, args.model or ("" if args.model_config else "ViT-B-32")),
-        pretrained=args.pretrained, model_config=args.model_config,
-        preprocess_tag=args.preprocess_tag, image_resize=args.image_resize,
-    )
-    resolve_weights(spec)  # refuse hub names / missing files before reading any data
-    samples = read_source(args.source, PathRewrite(args.image_root, args.strip_prefix), args.label_names)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise UserError(f"--limit: must be >= 1, got {args.limit}")
-        samples = samples.head(args.limit)
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    log(f"{len(samples)} samples, {len(samples.label_names)} labels "
-        f"({samples.source.get('label_names')}), format {samples.source.get('format')}")
-    options = ExtractOptions(
-        batch_size=args.batch_size, workers=args.workers, chunk_size=args.chunk_size,
-        caption_policy=args.caption_policy, layers=args.layers, device=args.device,
-        precision=args.precision, progress=not args.quiet, overwrite=args.overwrite,
-    )
-    result = extract_features(samples, spec, args.output, options, log=log)
+    try:
+        device, bad_device = pick_device(args.device), False
+    except UserError:
+        device, bad_device = torch.device("cpu"), True  # join on gloo; the ranks then stop together
+    ctx, device = init_distributed(device)
+    try:
+        result = _extract(args, ctx, args.device if bad_device or not ctx.enabled else str(device))
+    except UserError as exc:
+        if not ctx.enabled:
+            raise
+        if ctx.is_main:
+            print(f"error: {exc}", file=sys.stderr)
+        shutdown(ctx)  # rank 0 has printed before any rank exits (torchrun stops the rest at the first exit)
+        return 2
+    shutdown(ctx)
+    if not ctx.is_main:
+        return 0
     if result.status == "up-to-date":
         print(f"{result.path}: already complete with these settings ({result.total} samples); nothing to do")
     else:
         print(f"{result.path}: {result.done} of {result.total} samples, {result.extracted} extracted in "
               f"{result.seconds:.1f}s ({result.images_per_second:.1f} images/s after the model build)")
     return 0
+
+
+def _extract(args: argparse.Namespace, ctx, device: str):
+    """Read the inputs (on every rank) and run the extraction; returns its ExtractResult."""
+    import torch
+
+    from dataset.clip_extract import (
+        ExtractOptions, ModelSpec, collective_step, extract_features, register_model_config, resolve_weights,
+    )
+    from dataset.raw_sources import PathRewrite, read_source
+    from utils.errors import UserError
+
+    with collective_step(ctx):  # every rank reads the same inputs; a failure anywhere stops all
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UserError(f"--threads: must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        spec = ModelSpec(
+            model=register_model_config(args.model_config, args.model or ("" if args.model_config else "ViT-B-32")),
+            pretrained=args.pretrained, model_config=args.model_config,
+            preprocess_tag=args.preprocess_tag, image_resize=args.image_resize,
+        )
+        resolve_weights(spec)  # refuse hub names / missing files before reading any data
+        samples = read_source(args.source, PathRewrite(args.image_root, args.strip_prefix), args.label_names)
+        if args.limit is not None:
+            if args.limit < 1:
+                raise UserError(f"--limit: must be >= 1, got {args.limit}")
+            samples = samples.head(args.limit)
+    quiet = args.quiet or not ctx.is_main
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+    log(f"{len(samples)} samples, {len(samples.label_names)} labels "
+        f"({samples.source.get('label_names')}), format {samples.source.get('format')}"
+        + (f"; {ctx.world_size} processes" if ctx.enabled else ""))
+    options = ExtractOptions(
+        batch_size=args.batch_size, workers=args.workers, chunk_size=args.chunk_size,
+        caption_policy=args.caption_policy, layers=args.layers, device=device,
+        precision=args.precision, progress=not quiet, overwrite=args.overwrite,
+    )
+    return extract_features(samples, spec, args.output, options, log=log, ctx=ctx)

@@ -38,6 +38,10 @@ Deviations from the public code, each on purpose:
 - Biases of the branch and mask MLPs start at zero (weights keep PyTorch's default
   init), so an untrained code is a function of the input rather than of the biases.
 - Model selection happens on the task's validation split (runner), never on queries.
+
+Knobs the public code does not have, whose null default is the public behaviour:
+``prompt_lr_scale`` (the newest prompt's rate; null = with the nets) and
+``exclusion_scale`` (the ``K`` of the exclusion target ``K * S``; null = bits).
 """
 from __future__ import annotations
 
@@ -50,7 +54,9 @@ from torch import nn
 from common.register import MODELS
 from models import losses as L
 from models.base import Batch, HashModel
-from models.prompts import PromptBank, PromptCrossAttention, common_width, input_projection, zero_biases
+from models.prompts import (
+    PromptBank, PromptCrossAttention, common_width, input_projection, stack_task_prompts, zero_biases,
+)
 from utils.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,7 +91,7 @@ def infer_task(logits: torch.Tensor, rule: str) -> torch.Tensor:
         return best
     fired = logits > 0
     T = logits.shape[1]
-    newest = T - 1 - fired.flip(1).to(torch.int8).argmax(dim=1)
+    newest = T - 1 - fired.flip(1).float().argmax(dim=1)
     return torch.where(fired.any(dim=1), newest, best)
 
 
@@ -114,6 +120,7 @@ class CASH(HashModel):
         exclusion_scale: Optional[float] = None,
         temperature: float = 0.07,
         later_lr_scale: float = 0.1,
+        prompt_lr_scale: Optional[float] = None,
         head_lr: Optional[float] = 1e-3,
         head_negatives: int = 256,
         task_inference: Literal["cascade", "argmax"] = "cascade",
@@ -140,6 +147,7 @@ class CASH(HashModel):
         self.exclusion_scale = exclusion_scale
         self.temperature = float(temperature)
         self.later_lr_scale = float(later_lr_scale)
+        self.prompt_lr_scale = prompt_lr_scale
         if head_lr is not None and head_lr <= 0:
             raise ConfigError(f"model.head_lr: must be positive or null (the shared learning rate), got {head_lr}")
         self.head_lr = head_lr
@@ -243,7 +251,7 @@ class CASH(HashModel):
             logits = torch.cat([head(x) for head in self.task_heads], dim=1)
             chosen = infer_task(logits, self.task_inference)
             gate = torch.sigmoid(logits.gather(1, chosen[:, None]))
-            a = self.attention(x, torch.stack(list(bank.prompts))[chosen])
+            a = self.attention(x, stack_task_prompts(list(bank.prompts), chosen))
         z = x + gate * a
         fine, coarse = (self.image_fine, self.image_coarse) if image else (self.text_fine, self.text_coarse)
         return select_bits(fine(z), coarse(z), torch.tanh(self.mask_net(a)))
@@ -364,8 +372,9 @@ class CASH(HashModel):
 
     def param_groups(self, task_index: int) -> List[Dict[str, Any]]:
         """Shared nets and the newest prompt(s) at the authors' per-task learning rates
-        (lr on the first task, ``later_lr_scale * lr`` afterwards); the newest head with
-        an AdamW of its own at ``head_lr`` (null: with the nets)."""
+        (lr on the first task, ``later_lr_scale * lr`` afterwards; ``prompt_lr_scale``,
+        when set, gives the newest prompt ``prompt_lr_scale * lr`` on every task); the
+        newest head with an AdamW of its own at ``head_lr`` (null: with the nets)."""
         self._check_task(task_index)
         scale = 1.0 if task_index == 0 else self.later_lr_scale
         nets: List[nn.Parameter] = []
@@ -382,11 +391,17 @@ class CASH(HashModel):
             head["optimizer"] = {"name": "adamw", "lr": self.head_lr, "weight_decay": 0.0}
         return [
             {"params": nets, "lr_scale": scale, "name": "nets"},
-            {"params": prompts, "lr_scale": scale, "name": "prompt"},
+            {"params": prompts, "lr_scale": scale if self.prompt_lr_scale is None else self.prompt_lr_scale,
+             "name": "prompt"},
             head,
         ]
 
     # ------------------------------------------------------------------ checkpoints
+    def train_buffers(self) -> List[torch.Tensor]:
+        """The train-set code banks ``U`` that ``loss`` refreshes batch by batch (synced
+        across data-parallel ranks by the runner)."""
+        return [getattr(self, f"bank_{name}") for name in BANKS]
+
     def structure(self) -> Dict[str, Any]:
         return {
             "bits": self.bits,

@@ -260,6 +260,10 @@ class SCAHN(HashModel):
                     layers: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self._forward("text", text, layers)[1]
 
+    def train_buffers(self) -> List[torch.Tensor]:
+        """F and G: ``loss`` writes the batch's rows (synced across data-parallel ranks)."""
+        return [self.buffer_image, self.buffer_text]
+
     def bit_significance(self) -> torch.Tensor:
         """``sum_m sum_s |W^m_{s,k}|`` per bit (see the module docstring); larger = more
         significant."""

@@ -125,6 +125,7 @@ class ContinualRunner:
         model = model_factory()  # built before any output is written: a bad model config leaves nothing
         T = len(stream)
         state = self._fresh_state(stream, method)
+        state["config"] = output.config
         store = CodeStore()
         start = 0
         if resume:

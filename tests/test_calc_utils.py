@@ -7,8 +7,14 @@ The references sort every query's database with a plain Python sort on
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import itertools
 import math
+import subprocess
+import sys
+import threading
+import types
 from fractions import Fraction
 
 import numpy as np
@@ -24,9 +30,15 @@ from common.calc_utils import (
     continual_summary,
     hamming_distance,
 )
+import common.calc_utils as cu
 from utils.errors import DataError
 
 TOL = 1e-12
+# Both CPU engines are checked against the references: the numba kernel (what "auto"
+# runs when numba is installed) and the NumPy fallback.
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+CPU_BACKENDS = ["numba", "numpy"] if HAS_NUMBA else ["numpy"]
+needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
 
 
 # ----------------------------------------------------------------------------- references
@@ -125,23 +137,25 @@ def _hand_case():
     return qc, dc, ql, dl
 
 
-def test_hand_computed_example():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_hand_computed_example(backend):
     qc, dc, ql, dl = _hand_case()
+    kw = dict(backend=backend)
     assert hamming_distance(qc, dc).tolist() == [[1, 0, 2, 0, 1]]
     # stable order: items 1, 3, 0, 4, 2 -> relevance 0, 1, 1, 0, 1 -> relevant ranks 2, 3, 5
-    assert calc_map_k(qc, dc, ql, dl) == pytest.approx((1 / 2 + 2 / 3 + 3 / 5) / 3, abs=TOL)
-    assert calc_map_k(qc, dc, ql, dl, k=2) == pytest.approx(1 / 2, abs=TOL)
-    assert calc_map_k(qc, dc, ql, dl, k=3) == pytest.approx((1 / 2 + 2 / 3) / 2, abs=TOL)
-    assert calc_map_k(qc, dc, ql, dl, k=1) == 0.0
-    assert calc_precision_at_n(qc, dc, ql, dl, ns=[1, 2, 3, 5, 10]) == pytest.approx(
+    assert calc_map_k(qc, dc, ql, dl, **kw) == pytest.approx((1 / 2 + 2 / 3 + 3 / 5) / 3, abs=TOL)
+    assert calc_map_k(qc, dc, ql, dl, k=2, **kw) == pytest.approx(1 / 2, abs=TOL)
+    assert calc_map_k(qc, dc, ql, dl, k=3, **kw) == pytest.approx((1 / 2 + 2 / 3) / 2, abs=TOL)
+    assert calc_map_k(qc, dc, ql, dl, k=1, **kw) == 0.0
+    assert calc_precision_at_n(qc, dc, ql, dl, ns=[1, 2, 3, 5, 10], **kw) == pytest.approx(
         {1: 0.0, 2: 0.5, 3: 2 / 3, 5: 0.6, 10: 0.6}, abs=TOL
     )
     # tie-aware: group d=0 = {item1 (no), item3 (yes)}, d=1 = {item0 (yes), item4 (no)}, d=2 = {item2 (yes)}
     # orders of the two 2-groups: 4 equally likely rankings
     rankings = [[a, b, c, d, 1] for a, b in ((0, 1), (1, 0)) for c, d in ((1, 0), (0, 1))]
     expected = sum(float(_ref_ap(r)) for r in rankings) / 4
-    assert calc_map_k(qc, dc, ql, dl, ties="average") == pytest.approx(expected, abs=TOL)
-    pr = calc_pr_curve(qc, dc, ql, dl)
+    assert calc_map_k(qc, dc, ql, dl, ties="average", **kw) == pytest.approx(expected, abs=TOL)
+    pr = calc_pr_curve(qc, dc, ql, dl, **kw)
     assert pr["radius"].tolist() == [0, 1, 2, 3, 4]
     assert pr["retrieved"].tolist() == [2, 4, 5, 5, 5]
     assert pr["relevant_retrieved"].tolist() == [1, 2, 3, 3, 3]
@@ -150,38 +164,42 @@ def test_hand_computed_example():
 
 
 # ----------------------------------------------------------------------------- brute force
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_map_all_and_at_k_equal_brute_force(seed):
+def test_map_all_and_at_k_equal_brute_force(seed, backend):
     qc, dc, ql, dl = _random_case(seed)
     for k in (None, 1, 3, 10, 59, 60, 500):
         exact, _ = ref_map(qc, [(dc, dl)], ql, k)
-        assert abs(calc_map_k(qc, dc, ql, dl, k=k) - float(exact)) <= TOL, k
+        assert abs(calc_map_k(qc, dc, ql, dl, k=k, backend=backend) - float(exact)) <= TOL, k
 
 
-def test_per_query_ap_equals_brute_force():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_per_query_ap_equals_brute_force(backend):
     qc, dc, ql, dl = _random_case(7, Q=10)
     for k in (None, 7):
         _, aps = ref_map(qc, [(dc, dl)], ql, k)
         for i in range(len(qc)):
-            got = calc_map_k(qc[i : i + 1], dc, ql[i : i + 1], dl, k=k)
+            got = calc_map_k(qc[i : i + 1], dc, ql[i : i + 1], dl, k=k, backend=backend)
             assert abs(got - float(aps[i])) <= TOL
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("seed", [0, 5])
-def test_precision_at_n_and_topn_curve_equal_brute_force(seed):
+def test_precision_at_n_and_topn_curve_equal_brute_force(seed, backend):
     qc, dc, ql, dl = _random_case(seed)
     ns = [1, 5, 17, 60, 100]
-    got = calc_precision_at_n(qc, dc, ql, dl, ns=ns)
+    got = calc_precision_at_n(qc, dc, ql, dl, ns=ns, backend=backend)
     assert list(got) == ns
     for n in ns:
         assert abs(got[n] - float(ref_precision(qc, [(dc, dl)], ql, n))) <= TOL
-    curve = calc_topn_precision(qc, dc, ql, dl, ns=ns)
+    curve = calc_topn_precision(qc, dc, ql, dl, ns=ns, backend=backend)
     assert curve["n"].tolist() == ns
     np.testing.assert_array_equal(curve["precision"], [got[n] for n in ns])
 
 
-def test_multiword_codes_and_wide_labels():
-    """Codes over 64 bits (two words) and 80 classes (one 64-bit + one 16-bit label word)."""
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_multiword_codes_and_wide_labels(backend):
+    """Codes over 64 bits (two words) and 80 classes (two label words: 64 + 16 bits)."""
     rng = np.random.default_rng(11)
     base = rng.choice([-1, 1], size=(6, 100))
     qc = base[rng.integers(0, 6, 9)] * np.where(rng.random((9, 100)) < 0.05, -1, 1)
@@ -191,33 +209,38 @@ def test_multiword_codes_and_wide_labels():
     ql[:, 70] = rng.random(9) < 0.5  # relevance through the second label word only
     dl[:, 70] = rng.random(40) < 0.5
     exact, _ = ref_map(qc, [(dc, dl)], ql)
-    assert abs(calc_map_k(qc, dc, ql, dl) - float(exact)) <= TOL
+    assert abs(calc_map_k(qc, dc, ql, dl, backend=backend) - float(exact)) <= TOL
     exact5, _ = ref_map(qc, [(dc, dl)], ql, 5)
-    assert abs(calc_map_k(qc, dc, ql, dl, k=5) - float(exact5)) <= TOL
+    assert abs(calc_map_k(qc, dc, ql, dl, k=5, backend=backend) - float(exact5)) <= TOL
     ref_d = [[int((a != b).sum()) for b in dc] for a in qc]
     assert hamming_distance(qc, dc).tolist() == ref_d
 
 
-def test_queries_without_relevant_items_count_as_zero():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_queries_without_relevant_items_count_as_zero(backend):
     qc, dc, ql, dl = _hand_case()
-    qc2 = np.concatenate([qc, qc, qc])
-    ql2 = np.array([[1, 0], [0, 0], [0, 0]])  # two queries with no label at all
+    kw = dict(backend=backend)
+    qc2 = np.concatenate([qc, qc, qc, -qc])
+    ql2 = np.array([[1, 0], [0, 0], [0, 0], [0, 0]])  # three queries with no label at all
     dl2 = dl.copy()
-    assert calc_map_k(qc2, dc, ql2, dl2) == pytest.approx((53 / 90) / 3, abs=TOL)
+    assert calc_map_k(qc2, dc, ql2, dl2, **kw) == pytest.approx((53 / 90) / 4, abs=TOL)
+    # k=1: the top item is not relevant, so R@1 = 0 and the query scores 0 (not NaN)
+    assert calc_map_k(qc2, dc, ql2, dl2, k=1, **kw) == 0.0
     # no relevant item anywhere: 0.0, never NaN
     none = np.zeros_like(dl)
     for ties in ("index", "average"):
         for k in (None, 2):
-            assert calc_map_k(qc, dc, ql, none, k=k, ties=ties) == 0.0
-    assert calc_precision_at_n(qc, dc, ql, none, ns=[3]) == {3: 0.0}
-    pr = calc_pr_curve(qc, dc, ql, none)
+            assert calc_map_k(qc, dc, ql, none, k=k, ties=ties, **kw) == 0.0
+    assert calc_precision_at_n(qc, dc, ql, none, ns=[3], **kw) == {3: 0.0}
+    pr = calc_pr_curve(qc, dc, ql, none, **kw)
     assert not np.isnan(pr["precision"]).any() and not np.isnan(pr["recall"]).any()
     assert pr["recall"].tolist() == [0.0] * 5
 
 
 # ----------------------------------------------------------------------------- tie-aware
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_average_ties_equal_expectation_over_all_tie_orders(seed):
+def test_average_ties_equal_expectation_over_all_tie_orders(seed, backend):
     rng = np.random.default_rng(seed)
     qc = rng.choice([-1, 1], size=(3, 3))
     dc = rng.choice([-1, 1], size=(7, 3))
@@ -226,8 +249,8 @@ def test_average_ties_equal_expectation_over_all_tie_orders(seed):
     ql[0] = 1
     for k in (None, 1, 2, 4, 6):
         exact = ref_average(qc, [(dc, dl)], ql, k=k)
-        assert abs(calc_map_k(qc, dc, ql, dl, k=k, ties="average") - float(exact)) <= 1e-10, k
-    got = calc_precision_at_n(qc, dc, ql, dl, ns=[1, 3, 7, 9], ties="average")
+        assert abs(calc_map_k(qc, dc, ql, dl, k=k, ties="average", backend=backend) - float(exact)) <= 1e-10, k
+    got = calc_precision_at_n(qc, dc, ql, dl, ns=[1, 3, 7, 9], ties="average", backend=backend)
     for n in (1, 3, 7, 9):
         assert abs(got[n] - float(ref_average(qc, [(dc, dl)], ql, n=n))) <= 1e-10
 
@@ -245,7 +268,9 @@ def test_average_ties_without_ties_equal_index_order():
 
 
 # ----------------------------------------------------------------------------- segments
-def test_segments_equal_matching_on_explicit_prefixes():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_segments_equal_matching_on_explicit_prefixes(backend):
+    kw = dict(backend=backend)
     rng = np.random.default_rng(4)
     qc = rng.choice([-1, 1], size=(8, 12)).astype(np.float32)
     lengths = [12, 6, 9, 1]
@@ -258,8 +283,8 @@ def test_segments_equal_matching_on_explicit_prefixes():
     codes, labels = [c for c, _ in segs], [lab for _, lab in segs]
     for k in (None, 5, 30):
         exact, _ = ref_map(qc, segs, ql, k)
-        assert abs(calc_map_k(qc, codes, ql, labels, k=k) - float(exact)) <= TOL
-    got = calc_precision_at_n(qc, codes, ql, labels, ns=[4, 40])
+        assert abs(calc_map_k(qc, codes, ql, labels, k=k, **kw) - float(exact)) <= TOL
+    got = calc_precision_at_n(qc, codes, ql, labels, ns=[4, 40], **kw)
     for n in (4, 40):
         assert abs(got[n] - float(ref_precision(qc, segs, ql, n))) <= TOL
     # same length everywhere: identical to one array on the query prefix
@@ -268,13 +293,16 @@ def test_segments_equal_matching_on_explicit_prefixes():
     cat_l = np.concatenate([lab for s, lab in zip(short, labels) if s is not None])
     segs6 = [s for s in short if s is not None]
     labs6 = [lab for s, lab in zip(short, labels) if s is not None]
-    assert calc_map_k(qc, segs6, ql, labs6) == pytest.approx(calc_map_k(qc[:, :6], cat, ql, cat_l), abs=TOL)
-    pr = calc_pr_curve(qc, codes, ql, labels)
+    assert calc_map_k(qc, segs6, ql, labs6, **kw) == pytest.approx(
+        calc_map_k(qc[:, :6], cat, ql, cat_l, **kw), abs=TOL
+    )
+    pr = calc_pr_curve(qc, codes, ql, labels, **kw)
     assert pr["radius"].tolist() == list(range(13))
     assert pr["retrieved"][-1] == len(qc) * cat.shape[0] + len(qc) * 4  # every item by radius 12
 
 
-def test_segments_average_ties_equal_enumeration():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_segments_average_ties_equal_enumeration(backend):
     rng = np.random.default_rng(9)
     qc = rng.choice([-1, 1], size=(2, 4))
     segs = [(rng.choice([-1, 1], size=(3, 4)), (rng.random((3, 2)) < 0.5).astype(int)),
@@ -282,7 +310,7 @@ def test_segments_average_ties_equal_enumeration():
     ql = np.ones((2, 2), dtype=int)
     for k in (None, 3):
         exact = ref_average(qc, segs, ql, k=k)
-        got = calc_map_k(qc, [c for c, _ in segs], ql, [lab for _, lab in segs], k=k, ties="average")
+        got = calc_map_k(qc, [c for c, _ in segs], ql, [lab for _, lab in segs], k=k, ties="average", backend=backend)
         assert abs(got - float(exact)) <= 1e-10
 
 
@@ -372,23 +400,31 @@ def test_torch_backend_segments_equal_numpy():
 
 
 def test_numpy1_popcount_fallback(monkeypatch):
-    import common.calc_utils as cu
-
     x = np.random.default_rng(0).integers(0, 2**63, size=(5, 7), dtype=np.uint64) * np.uint64(3)
     np.testing.assert_array_equal(cu._popcount_lut(x), np.bitwise_count(x))
     qc, dc, ql, dl = _random_case(2, bits=70)
-    expected = calc_map_k(qc, dc, ql, dl)
+    expected = calc_map_k(qc, dc, ql, dl, backend="numpy")
     monkeypatch.setattr(cu, "_bitcount", cu._popcount_lut)
-    assert calc_map_k(qc, dc, ql, dl) == expected
+    assert calc_map_k(qc, dc, ql, dl, backend="numpy") == expected
     assert hamming_distance(qc, dc).tolist() == [[int((a != b).sum()) for b in dc] for a in qc]
 
 
-def test_deterministic_across_threads_and_blocks():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_deterministic_across_threads_and_blocks(backend, monkeypatch):
+    """Bit-identical results for 1, 2, 3 threads and any block size (threads really used:
+    the small-input threshold is lifted)."""
+    monkeypatch.setattr(cu, "_THREADS_MIN_PAIRS", 0)
     qc, dc, ql, dl = _random_case(8, Q=40, N=300, bits=16, classes=6)
-    ref = calc_map_k(qc, dc, ql, dl, num_threads=1)
-    for threads, chunk in ((2, None), (3, 1), (2, 7)):
-        assert calc_map_k(qc, dc, ql, dl, num_threads=threads, chunk_size=chunk) == ref
-    assert calc_map_k(qc, dc, ql, dl) == calc_map_k(qc, dc, ql, dl)
+    for k in (None, 25):
+        kw = dict(k=k, backend=backend)
+        ref = calc_map_k(qc, dc, ql, dl, num_threads=1, **kw)
+        for threads, chunk in ((2, None), (3, 1), (2, 7), (1, 3)):
+            assert calc_map_k(qc, dc, ql, dl, num_threads=threads, chunk_size=chunk, **kw) == ref
+        assert calc_map_k(qc, dc, ql, dl, **kw) == ref
+    p1 = calc_precision_at_n(qc, dc, ql, dl, ns=[10, 50], num_threads=1, backend=backend)
+    assert calc_precision_at_n(qc, dc, ql, dl, ns=[10, 50], num_threads=2, chunk_size=3, backend=backend) == p1
+    h1 = calc_pr_curve(qc, dc, ql, dl, num_threads=1, backend=backend)["relevant_retrieved"]
+    np.testing.assert_array_equal(calc_pr_curve(qc, dc, ql, dl, num_threads=2, backend=backend)["relevant_retrieved"], h1)
 
 
 def test_structured_codes_beat_random_codes():
@@ -401,6 +437,144 @@ def test_structured_codes_beat_random_codes():
     good = calc_map_k(proto[qy] * flip(30), proto[dy] * flip(400), ql, dl)
     rand = calc_map_k(rng.choice([-1, 1], (30, 32)), rng.choice([-1, 1], (400, 32)), ql, dl)
     assert good > 0.9 and rand < 0.4
+
+
+# ----------------------------------------------------------------------------- numba engine
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_wide_codes_and_mixed_segments_equal_brute_force(backend):
+    """130-bit queries (3 words; 16-bit keys in the kernel) against segments of 130, 70, 64
+    and 5 bits: prefix masks inside the first, second and third word."""
+    rng = np.random.default_rng(21)
+    base = rng.choice([-1, 1], size=(4, 130))
+    qc = base[rng.integers(0, 4, 7)] * np.where(rng.random((7, 130)) < 0.1, -1, 1)
+    segs = []
+    for n, L in ((9, 130), (8, 70), (6, 64), (5, 5)):
+        codes = base[rng.integers(0, 4, n), :L] * np.where(rng.random((n, L)) < 0.1, -1, 1)
+        segs.append((codes, (rng.random((n, 5)) < 0.4).astype(np.uint8)))
+    segs[3][0][:2] = qc[0, :5]  # distance-0 ties in the shortest segment
+    ql = (rng.random((7, 5)) < 0.5).astype(np.uint8)
+    codes, labels = [c for c, _ in segs], [lab for _, lab in segs]
+    for k in (None, 1, 4, 13, 28):
+        exact, _ = ref_map(qc, segs, ql, k)
+        assert abs(calc_map_k(qc, codes, ql, labels, k=k, backend=backend) - float(exact)) <= TOL, k
+    got = calc_precision_at_n(qc, codes, ql, labels, ns=[3, 11, 50], backend=backend)
+    for n in (3, 11, 50):
+        assert abs(got[n] - float(ref_precision(qc, segs, ql, n))) <= TOL
+    exact_avg = ref_average(qc[:2], [(c[:3], lab[:3]) for c, lab in segs], ql[:2], k=4)
+    got_avg = calc_map_k(qc[:2], [c[:3] for c in codes], ql[:2], [lab[:3] for lab in labels], k=4,
+                         ties="average", backend=backend)
+    assert abs(got_avg - float(exact_avg)) <= 1e-10
+
+
+def _structured_case(seed, Q, N, bits=64, classes=80):
+    """Codes that cluster by label set (like trained hash codes): big tie groups."""
+    rng = np.random.default_rng(seed)
+    freq = np.clip(0.5 / np.arange(1, classes + 1) ** 0.9, 0.004, 0.5)
+    proto = rng.standard_normal((classes, bits))
+
+    def make(n):
+        lab = rng.random((n, classes)) < freq
+        codes = np.where(lab @ proto + rng.standard_normal((n, bits)) * 1.5 >= 0, 1, -1).astype(np.int8)
+        return codes, lab.astype(np.uint8)
+
+    (qc, ql), (dc, dl) = make(Q), make(N)
+    ql[:3] = 0  # queries with no label
+    return qc, dc, ql, dl
+
+
+@needs_numba
+def test_numba_equals_numpy_on_structured_data():
+    """Over 1024 relevant items per query (several summation blocks), many ties, 80 labels."""
+    qc, dc, ql, dl = _structured_case(1, Q=40, N=6000)
+    kw_n, kw_p = dict(backend="numba"), dict(backend="numpy")
+    for k in (None, 1, 100, 5999, 6000):
+        a = calc_map_k(qc, dc, ql, dl, k=k, **kw_n)
+        assert a == pytest.approx(calc_map_k(qc, dc, ql, dl, k=k, **kw_p), abs=TOL, rel=0), k
+    for k in (None, 100):
+        a = calc_map_k(qc, dc, ql, dl, k=k, ties="average", **kw_n)
+        assert a == pytest.approx(calc_map_k(qc, dc, ql, dl, k=k, ties="average", **kw_p), abs=TOL, rel=0)
+    ns = [1000, 1, 10, 7000]
+    assert calc_precision_at_n(qc, dc, ql, dl, ns=ns, **kw_n) == pytest.approx(
+        calc_precision_at_n(qc, dc, ql, dl, ns=ns, **kw_p), abs=TOL, rel=0)
+    pr_n, pr_p = calc_pr_curve(qc, dc, ql, dl, **kw_n), calc_pr_curve(qc, dc, ql, dl, **kw_p)
+    for key in ("retrieved", "relevant_retrieved", "relevant"):
+        np.testing.assert_array_equal(pr_n[key], pr_p[key])
+
+
+def test_auto_falls_back_to_numpy_without_numba(monkeypatch):
+    qc, dc, ql, dl = _random_case(3)
+    exact, _ = ref_map(qc, [(dc, dl)], ql)
+    exact5, _ = ref_map(qc, [(dc, dl)], ql, 5)
+
+    def numba_path(*args, **kwargs):
+        raise AssertionError("the numba path ran")
+
+    monkeypatch.setattr(cu, "_numba_run", numba_path)
+    monkeypatch.setattr(cu, "_USE_NUMBA", False)  # the availability flag
+    assert abs(calc_map_k(qc, dc, ql, dl) - float(exact)) <= TOL
+    monkeypatch.setattr(cu, "_USE_NUMBA", True)
+    monkeypatch.setattr(cu, "_numba_engine", lambda: None)  # numba not importable
+    assert abs(calc_map_k(qc, dc, ql, dl, k=5) - float(exact5)) <= TOL
+    with pytest.raises(MetricInputError, match="numba is not installed"):
+        calc_map_k(qc, dc, ql, dl, backend="numba")
+
+
+@needs_numba
+def test_auto_runs_numba_and_restores_its_settings(monkeypatch):
+    """auto -> numba on CPU; numba's thread count is restored after the call (a request
+    above numba's pool size is capped), and each key width compiles once per process."""
+    import numba
+
+    calls = []
+    real = cu._numba_run
+    monkeypatch.setattr(cu, "_numba_run", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    monkeypatch.setattr(cu, "_THREADS_MIN_PAIRS", 0)
+    qc, dc, ql, dl = _random_case(4, Q=20, N=100)
+    before = numba.get_num_threads()
+    ref = calc_map_k(qc, dc, ql, dl, num_threads=1)
+    assert calc_map_k(qc, dc, ql, dl, num_threads=64) == ref
+    assert calc_map_k(torch.from_numpy(qc), dc, torch.from_numpy(ql), dl) == ref
+    calc_precision_at_n(qc, dc, ql, dl, ns=[5])
+    calc_pr_curve(qc, dc, ql, dl)
+    assert numba.get_num_threads() == before
+    assert calls == ["ap_all", "ap_all", "ap_all", "topn", "hist"]
+    signatures = cu._numba_engine().kernel.signatures
+    assert len(signatures) == len({sig[6] for sig in signatures})  # one per key dtype
+
+
+def test_kernel_logic_as_plain_python_equals_brute_force(monkeypatch):
+    """The numba kernel's source run uncompiled (range for prange, no numba needed):
+    checks its logic wherever numba is missing, on segments, k, ns and histograms."""
+    fake = types.SimpleNamespace(
+        config=types.SimpleNamespace(NUMBA_NUM_THREADS=1), get_num_threads=lambda: 1,
+        set_num_threads=lambda n: None, parallel_chunksize=lambda n: contextlib.nullcontext(),
+    )
+    monkeypatch.setattr(cu, "_numba_engine", lambda: cu._NumbaEngine(fake, cu._nb_rank_kernel, threading.Lock()))
+    rng = np.random.default_rng(13)
+    qc = rng.choice([-1, 1], size=(5, 70))
+    segs = [(rng.choice([-1, 1], size=(14, 70)), (rng.random((14, 3)) < 0.4).astype(int)),
+            (rng.choice([-1, 1], size=(9, 6)), (rng.random((9, 3)) < 0.4).astype(int))]
+    segs[1][0][:4] = qc[1, :6]
+    ql = (rng.random((5, 3)) < 0.5).astype(int)
+    codes, labels = [c for c, _ in segs], [lab for _, lab in segs]
+    with np.errstate(over="ignore"):  # the SWAR popcount multiplies modulo 2**64
+        for k in (None, 1, 6):
+            exact, _ = ref_map(qc, segs, ql, k)
+            assert abs(calc_map_k(qc, codes, ql, labels, k=k, backend="numba") - float(exact)) <= TOL
+        got = calc_precision_at_n(qc, codes, ql, labels, ns=[2, 30], backend="numba")
+        pr = calc_pr_curve(qc, codes, ql, labels, backend="numba")
+    for n in (2, 30):
+        assert abs(got[n] - float(ref_precision(qc, segs, ql, n))) <= TOL
+    ref_pr = calc_pr_curve(qc, codes, ql, labels, backend="numpy")
+    for key in ("retrieved", "relevant_retrieved", "relevant"):
+        np.testing.assert_array_equal(pr[key], ref_pr[key])
+
+
+def test_importing_the_module_does_not_import_numba():
+    code = "import sys, common.calc_utils; print('numba' in sys.modules, 'torch' in sys.modules)"
+    root = __file__.rsplit("/tests/", 1)[0]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    assert out.stdout.split() == ["False", "False"]
 
 
 # ----------------------------------------------------------------------------- continual

@@ -1,8 +1,14 @@
 """CLIP feature pipeline: raw inputs (seed-004 .mat, JSONL, CSV) -> extraction with a tiny
 open_clip model -> HDF5 cache (deterministic, resumable, refusing what it cannot trust)
--> ``clip_cache`` task streams -> a training run."""
+-> ``clip_cache`` task streams -> a training run; the same extraction under torchrun."""
 import argparse
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -21,6 +27,8 @@ from dataset.feature_cache import partial_path, read_cache
 from dataset.label_names import COCO, NUSWIDE81, TASK_PRESETS, resolve_label_names, resolve_tasks
 from dataset.raw_sources import PathRewrite, common_folder, read_source
 from utils.errors import ConfigError, DataError, UserError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
     "embed_dim": 32,
@@ -480,3 +488,65 @@ def test_cache_trains_a_method_end_to_end(cache_a, tmp_path, model, layers):
         row = results["map"][d][1]
         assert all(v is not None and 0.0 <= v <= 1.0 for v in row)
     assert (tmp_path / "run" / "results.json").is_file()
+
+
+# ---------------------------------------------------------------------- torchrun
+def torchrun_extract(args):
+    """``torchrun --nproc-per-node=2 main.py extract ARGS`` (gloo on CPU), one thread per rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2", f"--master-port={port}",
+         "main.py", "extract", *args],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240,
+    )
+
+
+def error_lines(proc):
+    return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_torchrun_extraction_equals_one_process(work, tmp_path):
+    """Two ranks share each chunk's batches and write the one cache a single process writes
+    (bit for bit); a bad image on rank 1 stops both ranks after the last whole chunk, rank 0
+    reports it once, and the same command continues from there; a mismatched cache found on
+    rank 0 stops both ranks before any work."""
+    folder = tmp_path / "folder"
+    shutil.copytree(work / "folder", folder)
+    cli = ["--source", str(folder), "--model-config", str(work / "tiny_clip.json"), "--pretrained", "none",
+           "--batch-size", "3", "--chunk-size", "5", "--layers", "2", "--workers", "0"]
+    # chunks [0, 5) [5, 10) [10, 12) hold batches 3 + 2 | 3 + 2 | 2: rank 1 encodes the short batch of the
+    # first two chunks (uneven shards) and nothing of the last (an empty shard)
+    good = (folder / "img" / "9.jpg").read_bytes()
+    (folder / "img" / "9.jpg").write_bytes(b"garbage, not a JPEG")  # in rank 1's batch of chunk 2
+    out = tmp_path / "two" / "feat.h5"
+    crash = torchrun_extract(cli + ["--output", str(out)])
+    assert crash.returncode != 0
+    assert len(error_lines(crash)) == 1 and r"9.jpg: cannot read the image" in error_lines(crash)[0], crash.stderr[-3000:]
+    assert not out.exists()
+    with h5py.File(partial_path(out), "r") as fh:
+        assert int(fh.attrs["done"]) == 5  # chunk 1 written, nothing of chunk 2
+    (folder / "img" / "9.jpg").write_bytes(good)
+    run = torchrun_extract(cli + ["--output", str(out)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("resuming") == 1 and run.stderr.count("12 samples, 4 labels") == 1  # rank 0 alone logs
+    assert run.stdout.count(f"{out}: 12 of 12 samples, 7 extracted") == 1  # and reports
+    assert sorted(p.name for p in out.parent.iterdir()) == ["feat.h5"]  # one cache, no partial, nothing per rank
+    # the same command in one process (through the same CLI)
+    parser = argparse.ArgumentParser()
+    add_extract_arguments(parser)
+    ref = tmp_path / "one" / "feat.h5"
+    assert run_extract(parser.parse_args(cli + ["--output", str(ref), "--quiet"])) == 0
+    one, two = read_cache(ref, layers=True, captions=True), read_cache(out, layers=True, captions=True)
+    for k in ("image", "text", "image_layers", "text_layers", "labels"):
+        assert getattr(one, k).dtype == getattr(two, k).dtype and np.array_equal(getattr(one, k), getattr(two, k)), k
+    assert (one.ids, one.label_names, one.captions) == (two.ids, two.label_names, two.captions)
+    assert one.fingerprint == two.fingerprint
+    assert {**one.meta, "created": None} == {**two.meta, "created": None}  # no field records the process count
+    # an error found on rank 0 before any collective work: every rank stops, one message, the file untouched
+    before = out.stat().st_mtime_ns
+    bad = torchrun_extract(cli + ["--output", str(out), "--caption-policy", "first", "--quiet"])
+    assert bad.returncode != 0 and len(error_lines(bad)) == 1, bad.stderr[-3000:]
+    assert "other settings (caption_policy: cache mean, this run first)" in error_lines(bad)[0]
+    assert out.stat().st_mtime_ns == before and sorted(p.name for p in out.parent.iterdir()) == ["feat.h5"]

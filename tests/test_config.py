@@ -74,3 +74,9 @@ def test_validate_is_idempotent():
     again = dict(cfg)
     validate_config(again)
     assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").glob("*/*.yaml")), ids=str)
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert path.parent.name == cfg["model"]["name"]  # configs/<METHOD>/... holds that method

@@ -148,3 +148,20 @@ def test_loaded_model_reproduces_the_last_row(trained):
     for j in range(3):
         s = score_against_store(run.model, stream.tasks[j].query, j, run.store, [j])
         assert s["t2i"] == pytest.approx(res["map"]["t2i"][2][j], abs=1e-6)
+
+
+def test_evaluate_command_reproduces_the_final_row(trained, tmp_path, capsys):
+    out, res = trained
+    report_file = tmp_path / "eval.json"
+    assert main.main(["evaluate", "--run-dir", str(out), "--output", str(report_file), "--precision-at", "10"]) == 0
+    report = json.loads(report_file.read_text())
+    assert report["after_task"] == 3 and report["metric"] == "mAP@all"
+    for j in range(3):
+        for d in ("i2t", "t2i"):
+            assert report["per_task"][j][d]["map"] == pytest.approx(res["map"][d][2][j], abs=1e-6)
+            assert 0 <= report["per_task"][j][d]["precision_at"]["10"] <= 1
+    for d in ("i2t", "t2i"):
+        assert report["task_agnostic"][d]["map"] == pytest.approx(res["task_agnostic"][d][2], abs=1e-6)
+    # tie-aware scores differ from index order only through ties, and stay in [0, 1]
+    assert main.main(["evaluate", "--run-dir", str(out), "--ties", "average", "--task", "1"]) == 0
+    assert "after task 1" in capsys.readouterr().out

@@ -1,0 +1,96 @@
+"""``python main.py evaluate``: re-score a finished run from its checkpoint and stored
+codes with any metric of ``common.calc_utils``, without retraining.
+
+Queries are re-encoded by the checkpointed model (task known: each task's queries as
+that task; plus the task-agnostic union); database codes are the stored ones, never
+re-encoded, exactly as in training-time evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from common.calc_utils import calc_map_k, calc_pr_curve, calc_precision_at_n
+from runners.evaluation import encode_codes
+from runners.experiment import load_run
+from utils.config import build
+from utils.io import atomic_write_json
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", required=True, metavar="DIR", help="an output directory written by 'train'")
+    parser.add_argument("--task", type=int, metavar="T",
+                        help="evaluate the model and codes as they were after task T (1-based; default: the last)")
+    parser.add_argument("--topk", type=int, metavar="K", help="standard mAP@K instead of mAP@all")
+    parser.add_argument("--ties", choices=("index", "average"), default="index",
+                        help="tie order inside equal Hamming distances: ascending database index (default) or the "
+                             "tie-aware expectation over all orders")
+    parser.add_argument("--precision-at", type=int, nargs="+", default=[], metavar="N",
+                        help="also report precision@N for these N")
+    parser.add_argument("--pr-curve", action="store_true", help="also report precision / recall by Hamming radius")
+    parser.add_argument("--output", metavar="FILE.json", help="write the figures to this JSON file (atomically)")
+    parser.add_argument("--device", default="cpu", help="device to encode queries on (cpu, cuda, cuda:N)")
+
+
+def _direction_inputs(codes: Dict[str, torch.Tensor], entries) -> Dict[str, tuple]:
+    out = {}
+    for direction, q_mod, db_mod in (("i2t", "image", "text"), ("t2i", "text", "image")):
+        segs = [e.codes(db_mod) for e in entries]
+        labs = [torch.from_numpy(e.labels) for e in entries]
+        if len(segs) == 1 and segs[0].shape[1] == codes[q_mod].shape[1]:
+            out[direction] = (codes[q_mod].cpu(), segs[0], labs[0])
+        else:
+            out[direction] = (codes[q_mod].cpu(), segs, labs)
+    return out
+
+
+def score_queries(codes, labels, entries, args) -> Dict[str, Any]:
+    """Every requested figure, per direction, for one query set against ``entries``."""
+    result: Dict[str, Any] = {}
+    for direction, (q, db, dl) in _direction_inputs(codes, entries).items():
+        figs: Dict[str, Any] = {"map": float(calc_map_k(q, db, labels.cpu(), dl, k=args.topk, ties=args.ties))}
+        if args.precision_at:
+            p = calc_precision_at_n(q, db, labels.cpu(), dl, ns=args.precision_at, ties=args.ties)
+            figs["precision_at"] = {str(n): float(v) for n, v in p.items()}
+        if args.pr_curve:
+            pr = calc_pr_curve(q, db, labels.cpu(), dl)
+            figs["pr_curve"] = {k: [float(x) for x in pr[k]] for k in ("radius", "precision", "recall")}
+        result[direction] = figs
+    return result
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    run = load_run(args.run_dir, task=args.task, device=args.device)
+    stream = build("dataset", run.config).load()
+    device = torch.device(args.device)
+    metric = "mAP@all" if args.topk is None else f"mAP@{args.topk}"
+    report: Dict[str, Any] = {
+        "run_dir": str(Path(args.run_dir)), "after_task": run.task, "metric": metric, "ties": args.ties,
+        "bits": run.store.bits(), "per_task": [], "task_agnostic": None,
+    }
+    joint = run.results.get("mode") == "joint"
+    for j in range(run.task):
+        query = stream.tasks[j].query.to(device)
+        codes = encode_codes(run.model, query, 0 if joint else j)
+        report["per_task"].append(score_queries(codes, query.labels, run.store.entries([j]), args))
+    queries = [stream.tasks[j].query.to(device) for j in range(run.task)]
+    from dataset.feature_set import FeatureSet
+
+    allq = FeatureSet.concat(queries)
+    codes = encode_codes(run.model, allq, None)
+    report["task_agnostic"] = score_queries(codes, allq.labels, run.store.entries(), args)
+    lines: List[str] = [f"{run.config['model']['name']} after task {run.task}: {metric} (ties: {args.ties})"]
+    for d in ("i2t", "t2i"):
+        per = "  ".join(f"task {j + 1} {r[d]['map']:.4f}" for j, r in enumerate(report["per_task"]))
+        lines.append(f"{d}: {per}  agnostic {report['task_agnostic'][d]['map']:.4f}")
+        for j, r in enumerate(report["per_task"]):
+            if "precision_at" in r[d]:
+                lines.append(f"  task {j + 1} precision@N: " + ", ".join(f"@{n} {v:.4f}" for n, v in r[d]["precision_at"].items()))
+    print("\n".join(lines))
+    if args.output:
+        atomic_write_json(args.output, report)
+        print(f"written: {args.output}")
+    return 0
