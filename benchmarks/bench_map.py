@@ -160,9 +160,7 @@ def _engine_name(spec: dict) -> str:
         return spec["impl"]
     if spec["device"] != "cpu":
         return "torch"
-    import sys as _sys
-
-    return "numba" if "numba" in _sys.modules else "numpy (numba not installed)"
+    return "numba" if "numba" in sys.modules else "numpy (numba not installed)"
 
 
 def measure(spec: dict, extra_env: Optional[dict] = None) -> dict:
@@ -279,7 +277,8 @@ def main() -> None:
                 diff_prev = abs(ours["value"] - prev["value"])
                 label = "all" if k is None else str(k)
                 mem = (f"peak RSS {ours['peak_rss']:.0f} MB ({ours['rss0']:.0f} MB before the call)"
-                       + (f", traced NumPy allocations peak {ours['traced_peak']:.1f} MB" if "traced_peak" in ours else "")
+                       + (f", traced NumPy allocations peak {ours['traced_peak']:.1f} MB"
+                          if "traced_peak" in ours else "")
                        + (f", GPU peak {ours['gpu_peak']:.0f} MB" if "gpu_peak" in ours else ""))
                 print(f"mAP@{label:<4} ours ({ours['engine']}): {ours['wall']:.3f} s wall, {ours['cpu']:.3f} s CPU "
                       f"(load {ours['load']:.1f}; warm-up call before it {ours['warmup']:.2f} s) | {mem}")
@@ -305,7 +304,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, label, ours, prev, nw, nc, extrap, diff, diff_prev in rows:
         e = " (extrap.)" if extrap else ""
-        print(f"| {name} | mAP@{label} | {ours['wall']:.3f} | {ours['cpu']:.3f} | {prev['wall']:.2f} / {prev['cpu']:.2f} "
+        print(f"| {name} | mAP@{label} | {ours['wall']:.3f} | {ours['cpu']:.3f} "
+              f"| {prev['wall']:.2f} / {prev['cpu']:.2f} "
               f"| {nw:.1f} / {nc:.1f}{e} | x{nw / ours['wall']:.0f} / x{nc / ours['cpu']:.0f} "
               f"| x{prev['cpu'] / ours['cpu']:.1f} | {ours['peak_rss']:.0f} | {ours['load']:.1f} "
               f"| {diff:.0e} / {diff_prev:.0e} |")

@@ -778,8 +778,9 @@ def _numba_threads(numba: Any, threads: int):
     blocks of queries go to threads one at a time (dynamic schedule)."""
     previous = numba.get_num_threads()
     numba.set_num_threads(threads)
+    chunking = getattr(numba, "parallel_chunksize", None)  # numba >= 0.57
     try:
-        with numba.parallel_chunksize(1):
+        with chunking(1) if chunking is not None else contextlib.nullcontext():
             yield
     finally:
         numba.set_num_threads(previous)

@@ -42,6 +42,7 @@ from dataset.feature_cache import CacheWriter, fingerprint_difference, partial_p
 from dataset.raw_sources import RawSamples
 from utils import errors
 from utils.distributed import DistContext, broadcast_object, gather_rows, shard_bounds
+from utils.seed import resolve_device
 from utils.errors import DataError, UserError
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -467,15 +468,8 @@ class ExtractResult:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: no CUDA device available; use auto or cpu")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise UserError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    """The extraction device: ``utils.seed.resolve_device`` naming the ``--device`` flag."""
+    return resolve_device(name, key="--device")
 
 
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:

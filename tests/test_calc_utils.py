@@ -424,7 +424,8 @@ def test_deterministic_across_threads_and_blocks(backend, monkeypatch):
     p1 = calc_precision_at_n(qc, dc, ql, dl, ns=[10, 50], num_threads=1, backend=backend)
     assert calc_precision_at_n(qc, dc, ql, dl, ns=[10, 50], num_threads=2, chunk_size=3, backend=backend) == p1
     h1 = calc_pr_curve(qc, dc, ql, dl, num_threads=1, backend=backend)["relevant_retrieved"]
-    np.testing.assert_array_equal(calc_pr_curve(qc, dc, ql, dl, num_threads=2, backend=backend)["relevant_retrieved"], h1)
+    h2 = calc_pr_curve(qc, dc, ql, dl, num_threads=2, backend=backend)["relevant_retrieved"]
+    np.testing.assert_array_equal(h2, h1)
 
 
 def test_structured_codes_beat_random_codes():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import torch
@@ -24,14 +25,15 @@ def task_seed(seed: int, task_index: int, epoch: int = -1) -> int:
     return (int(seed) * 1_000_003 + (task_index + 1) * 10_007 + (epoch + 1)) % (2**63 - 1)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is refused."""
+def resolve_device(name: str, key: str = "runner.device") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is refused.
+    ``key`` names the setting in the error (a config key or a command-line flag)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
+    if re.fullmatch(r"cuda(:\d+)?", name):
         if not torch.cuda.is_available():
-            raise ConfigError(f"runner.device: '{name}' requested but no CUDA device is available; use auto or cpu")
+            raise ConfigError(f"{key}: '{name}' requested but no CUDA device is available; use auto or cpu")
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")
-    raise ConfigError(f"runner.device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    raise ConfigError(f"{key}: expected auto, cpu, cuda or cuda:N, got {name!r}")
