@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import dataset  # noqa: F401  (registers datasets)
 import models  # noqa: F401  (registers models)

@@ -136,7 +136,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_data, (db, queries) = timed(lambda: make_codes(args.n, args.queries, args.bits, clusters, args.flip, args.seed))
     print(f"{args.n:,} codes x {args.bits} bits, {args.queries} queries, {clusters:,} clusters, flip {args.flip}, "
           f"k {args.k}, faiss {faiss.__version__} with {args.threads} thread(s); data made in {t_data:.1f}s", flush=True)
-    kmax = max(args.k)
     rows: List[Dict[str, object]] = []
     truth: Dict[int, np.ndarray] = {}
 

@@ -13,7 +13,6 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Literal, Optional
 
 import torch
@@ -21,14 +20,14 @@ from tqdm.auto import tqdm
 
 from common.calc_utils import calc_map_k, continual_summary
 from common.code_store import CodeStore
-from common.register import OPTIMIZERS, RUNNERS
+from common.register import RUNNERS
 from dataset.feature_set import FeatureSet, Task, TaskStream
 from models.base import Batch, HashModel
 from runners.evaluation import (
     empty_matrix, encode_codes, score_against_store, score_bit_prefixes, score_directions,
 )
+from runners.optim import build_optimizers
 from runners.outputs import RunOutput
-from utils.errors import ConfigError
 from utils.distributed import DistContext, init_distributed, shutdown, sync_rows
 from utils.seed import resolve_device, seed_everything, task_seed
 
@@ -192,7 +191,10 @@ class ContinualRunner:
         """Train on ``task.train``; keep the best epoch on ``task.val``; returns val info."""
         n = len(task.train)
         steps_per_epoch = max(1, math.ceil(n / self.batch_size))
-        optimizers, scheduler = self._build_optimizers(model, task_index, optim, steps_per_epoch)
+        optimizers, scheduler = build_optimizers(
+            model.param_groups(task_index), optim.optimizer, optim.scheduler,
+            total_steps=self.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
+        )
         best_score, best_epoch, best_state = -math.inf, -1, None
         history: List[Dict[str, float]] = []
         if self.epochs == 0:
@@ -267,42 +269,6 @@ class ContinualRunner:
 
         device_ids = [self._dist.local_rank] if next(model.parameters()).is_cuda else None
         return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
-
-    def _build_optimizers(self, model: HashModel, task_index: int, optim: OptimSpec, steps_per_epoch: int):
-        """The main optimiser over groups without their own ``optimizer`` block, one
-        optimiser per group that has one, and the schedule on the main optimiser."""
-        base = optim.optimizer
-        base_lr = float(base.get("lr", 1e-3))
-        main_groups, extra = [], []
-        for group in model.param_groups(task_index):
-            group = dict(group)
-            params = [p for p in group.pop("params") if p.requires_grad]
-            if not params:
-                continue
-            own = group.pop("optimizer", None)
-            scale = float(group.pop("lr_scale", 1.0))
-            group.pop("name", None)
-            if own is not None:
-                spec = dict(own)
-                extra.append(OPTIMIZERS.get(spec.pop("name"))([{"params": params, **group}], **spec))
-            else:
-                main_groups.append({"params": params, "lr": base_lr * scale, **group})
-        if not main_groups and not extra:
-            raise ConfigError(f"model {type(model).__name__} has no trainable parameters for task {task_index + 1}")
-        optimizers = []
-        scheduler = None
-        if main_groups:
-            kwargs = {k: v for k, v in base.items() if k != "name"}
-            kwargs.pop("lr", None)
-            main = OPTIMIZERS.get(base["name"])(main_groups, **kwargs) if kwargs else OPTIMIZERS.get(base["name"])(main_groups)
-            optimizers.append(main)
-            if optim.scheduler is not None:
-                spec = {k: v for k, v in optim.scheduler.items() if k != "name"}
-                scheduler = OPTIMIZERS.get(optim.scheduler["name"])(
-                    main, total_steps=self.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch, **spec
-                )
-        optimizers.extend(extra)
-        return optimizers, scheduler
 
     @staticmethod
     def _batch(fs: FeatureSet, idx: torch.Tensor) -> Batch:

@@ -7,12 +7,56 @@ kwargs. A schedule entry takes the optimiser, the task's ``total_steps`` and
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from common.register import OPTIMIZERS
+from utils.errors import ConfigError
+
+
+def build_optimizers(
+    groups: Sequence[Dict[str, Any]],
+    optimizer: Dict[str, Any],
+    scheduler: Optional[Dict[str, Any]] = None,
+    total_steps: int = 1,
+    steps_per_epoch: int = 1,
+) -> Tuple[List[torch.optim.Optimizer], Optional[LambdaLR]]:
+    """Optimisers for a model's ``param_groups``: the configured ``optimizer`` block over
+    every group without an ``optimizer`` of its own (lr times the group's ``lr_scale``),
+    one optimiser per group that has one, and the ``scheduler`` block on the first.
+    Frozen parameters and empty groups are left out."""
+    base_lr = float(optimizer.get("lr", 1e-3))
+    main_groups, extra = [], []
+    for group in groups:
+        group = dict(group)
+        params = [p for p in group.pop("params") if p.requires_grad]
+        own = group.pop("optimizer", None)
+        scale = float(group.pop("lr_scale", 1.0))
+        group.pop("name", None)
+        if not params:
+            continue
+        if own is not None:
+            spec = dict(own)
+            extra.append(OPTIMIZERS.get(spec.pop("name"))([{"params": params, **group}], **spec))
+        else:
+            main_groups.append({"params": params, "lr": base_lr * scale, **group})
+    if not main_groups and not extra:
+        raise ConfigError("the model has no trainable parameters for this task")
+    optimizers: List[torch.optim.Optimizer] = []
+    schedule = None
+    if main_groups:
+        kwargs = {k: v for k, v in optimizer.items() if k not in ("name", "lr")}
+        main = OPTIMIZERS.get(optimizer["name"])(main_groups, **kwargs)
+        optimizers.append(main)
+        if scheduler is not None:
+            spec = {k: v for k, v in scheduler.items() if k != "name"}
+            schedule = OPTIMIZERS.get(scheduler["name"])(
+                main, total_steps=total_steps, steps_per_epoch=steps_per_epoch, **spec
+            )
+    optimizers.extend(extra)
+    return optimizers, schedule
 
 
 @OPTIMIZERS.register("adamw")

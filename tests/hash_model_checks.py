@@ -11,6 +11,7 @@ import torch
 
 from dataset.feature_set import FeatureSet, Task
 from models.base import Batch, HashModel, sign_codes
+from runners.optim import build_optimizers as runner_optimizers
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,26 +59,11 @@ def batch_of(fs: FeatureSet, idx: torch.Tensor) -> Batch:
                  text_layers=None if fs.text_layers is None else fs.text_layers[idx])
 
 
-TORCH_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-
-
 def build_optimizers(model: HashModel, lr: float = 1e-2) -> List[torch.optim.Optimizer]:
-    """AdamW over the groups without their own optimiser, and each group's own
-    optimiser block, as the runner does (torch optimisers by name, so these tests do
-    not depend on the runner package)."""
-    main, extra = [], []
-    for group in model.param_groups(0):
-        group = dict(group)
-        params = [p for p in group.pop("params") if p.requires_grad]
-        own = group.pop("optimizer", None)
-        scale = group.pop("lr_scale", 1.0)
-        group.pop("name", None)
-        if own:
-            own = dict(own)
-            extra.append(TORCH_OPTIMIZERS[own.pop("name")]([{"params": params, **group}], **own))
-        else:
-            main.append({"params": params, "lr": lr * scale, **group})
-    return [torch.optim.AdamW(main, weight_decay=0.0)] + extra
+    """The runner's optimisers for task 0's parameter groups: AdamW at ``lr`` over the
+    groups without an optimiser of their own, plus each group's own optimiser."""
+    optimizers, _ = runner_optimizers(model.param_groups(0), {"name": "adamw", "lr": lr, "weight_decay": 0.0})
+    return optimizers
 
 
 def train(model: HashModel, task: Task, epochs: int = 10, batch_size: int = 32, lr: float = 1e-2,

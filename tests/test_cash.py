@@ -15,6 +15,7 @@ from models import losses as L
 from models.base import Batch, sign_codes
 from models.cash import CASH, infer_task, select_bits
 from models.prompts import PromptCrossAttention, select_prompts
+from runners.optim import build_optimizers
 from utils.config import check_kwargs
 from utils.errors import ConfigError
 
@@ -38,15 +39,7 @@ def train_task(model, task, t, steps=12, lr=3e-3, seed=0, batch=32):
     """A few optimiser steps the way the runner takes them."""
     torch.manual_seed(seed + t)
     model.begin_task(task, t)
-    opts = []
-    for g in model.param_groups(t):
-        params = [p for p in g["params"] if p.requires_grad]
-        own = g.get("optimizer")
-        if own is not None:  # a group with an optimiser of its own (the task head)
-            assert own["name"] == "adamw"
-            opts.append(torch.optim.AdamW(params, lr=own["lr"], weight_decay=own.get("weight_decay", 0.01)))
-        elif params:
-            opts.append(torch.optim.AdamW(params, lr=lr * g.get("lr_scale", 1.0)))
+    opts, _ = build_optimizers(model.param_groups(t), {"name": "adamw", "lr": lr, "weight_decay": 0.01})
     gen = torch.Generator().manual_seed(seed + 100 * t)
     history = []
     model.begin_epoch(task, t, 0)

@@ -16,6 +16,7 @@ from dataset.synthetic import SyntheticDataset
 from models import losses as L
 from models.base import Batch, sign_codes
 from models.pbeh import PBEH, count_far_from_centre, majority_centre
+from runners.optim import build_optimizers
 from utils.config import check_kwargs
 from utils.errors import ConfigError
 
@@ -39,9 +40,7 @@ def train_task(model, task, t, steps=10, lr=3e-3, seed=0, batch=32):
     """``begin_task`` plus a few optimiser steps the way the runner takes them."""
     torch.manual_seed(seed + t)
     model.begin_task(task, t)
-    groups = [{"params": [p for p in g["params"] if p.requires_grad], "lr": lr * g.get("lr_scale", 1.0)}
-              for g in model.param_groups(t)]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]])
+    opts, _ = build_optimizers(model.param_groups(t), {"name": "adamw", "lr": lr, "weight_decay": 0.01})
     gen = torch.Generator().manual_seed(seed + 100 * t)
     history = []
     model.begin_epoch(task, t, 0)
@@ -50,9 +49,11 @@ def train_task(model, task, t, steps=10, lr=3e-3, seed=0, batch=32):
         idx = torch.randperm(len(task.train), generator=gen)[:batch]
         fs = task.train
         losses = model.loss(Batch(fs.image[idx], fs.text[idx], fs.labels[idx], idx), t)
-        opt.zero_grad()
+        for opt in opts:
+            opt.zero_grad()
         losses["loss"].backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
         history.append({k: float(v.detach()) for k, v in losses.items()})
     model.eval()
     return history
