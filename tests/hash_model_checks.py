@@ -94,6 +94,62 @@ def train(model: HashModel, task: Task, epochs: int = 10, batch_size: int = 32, 
     return history
 
 
+def task_steps(model: HashModel, task: Task, t: int, steps: int, lr: float = 3e-3, seed: int = 0,
+               batch: int = 32) -> List[Dict[str, float]]:
+    """``begin_task(t)`` plus ``steps`` optimiser steps on random batches of ``task.train``,
+    with the runner's optimisers; returns every step's losses."""
+    torch.manual_seed(seed + t)
+    model.begin_task(task, t)
+    opts, _ = runner_optimizers(model.param_groups(t), {"name": "adamw", "lr": lr, "weight_decay": 0.01})
+    gen = torch.Generator().manual_seed(seed + 100 * t)
+    history = []
+    model.begin_epoch(task, t, 0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randperm(len(task.train), generator=gen)[:batch]
+        losses = model.loss(batch_of(task.train, idx), t)
+        for opt in opts:
+            opt.zero_grad()
+        losses["loss"].backward()
+        for opt in opts:
+            opt.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+    model.eval()
+    return history
+
+
+def finish_task(model: HashModel, task: Task, t: int, store) -> None:
+    """Store task t's database codes and call ``end_task``, as the runner does."""
+    with torch.no_grad():
+        db = task.database
+        store.add(t, sign_codes(model.encode_image(db.image, t)), sign_codes(model.encode_text(db.text, t)), db.labels)
+    model.end_task(task, t, store)
+
+
+def run_task_sequence(build, stream, n: int, steps: int, seed: int = 0, **kw):
+    """A model from ``build(**kw)`` trained on the first ``n`` tasks of ``stream``;
+    returns (model, store)."""
+    from common.code_store import CodeStore
+
+    torch.manual_seed(seed)
+    model = build(**kw)
+    store = CodeStore()
+    for t in range(n):
+        task_steps(model, stream.tasks[t], t, steps, seed=seed)
+        finish_task(model, stream.tasks[t], t, store)
+    return model, store
+
+
+def trained_twice(make, task: Task, model_seed: int, train_seed: int, epochs: int = 2):
+    """Two models built with ``make(seed=model_seed)`` and trained alike: a determinism check."""
+    models = []
+    for _ in range(2):
+        model = make(seed=model_seed)
+        train(model, task, epochs=epochs, seed=train_seed)
+        models.append(model)
+    return models
+
+
 def brute_map(q: torch.Tensor, db: torch.Tensor, q_labels: torch.Tensor, db_labels: torch.Tensor) -> float:
     """mAP@all with ties broken by database index (the library's definition)."""
     q, db = q.float(), db.float()

@@ -8,6 +8,7 @@ from models.selective_scan import SelectiveScanBlock, selective_scan_parallel, s
 from hash_model_checks import (
     assert_batch_independent, assert_every_parameter_gets_gradient, assert_finite_loss, batch_of, codes,
     retrieval_map, single_thread, structured_task, train,  # noqa: F401  (fixture)
+    trained_twice,
 )
 
 
@@ -108,11 +109,7 @@ def test_batch_independent_and_each_modality_alone():
 
 def test_deterministic_with_a_seed():
     task = structured_task()
-    runs = []
-    for _ in range(2):
-        model = make(seed=7)
-        train(model, task, epochs=2, seed=1)
-        runs.append(codes(model, task.query))
+    runs = [codes(m, task.query) for m in trained_twice(make, task, model_seed=7, train_seed=1)]
     assert torch.equal(runs[0]["image"], runs[1]["image"]) and torch.equal(runs[0]["text"], runs[1]["text"])
 
 

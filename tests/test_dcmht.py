@@ -10,6 +10,7 @@ from models.dcmht import DCMHT, margin_distance_loss
 from hash_model_checks import (
     assert_batch_independent, assert_every_parameter_gets_gradient, assert_finite_loss, batch_of, codes,
     retrieval_map, single_thread, structured_task, train,  # noqa: F401  (fixture)
+    trained_twice,
 )
 
 
@@ -80,11 +81,7 @@ def test_batch_independent_after_training():
 
 def test_deterministic_with_a_seed():
     task = structured_task()
-    runs = []
-    for _ in range(2):
-        model = make(seed=3)
-        train(model, task, epochs=2, seed=5)
-        runs.append(codes(model, task.query))
+    runs = [codes(m, task.query) for m in trained_twice(make, task, model_seed=3, train_seed=5)]
     assert torch.equal(runs[0]["image"], runs[1]["image"]) and torch.equal(runs[0]["text"], runs[1]["text"])
 
 

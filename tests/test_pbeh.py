@@ -14,11 +14,11 @@ from common.code_store import CodeStore
 from common.register import MODELS
 from dataset.synthetic import SyntheticDataset
 from models import losses as L
-from models.base import Batch, sign_codes
+from models.base import sign_codes
 from models.pbeh import PBEH, count_far_from_centre, majority_centre
-from runners.optim import build_optimizers
 from utils.config import check_kwargs
 from utils.errors import ConfigError
+from hash_model_checks import finish_task, run_task_sequence, task_steps
 
 IMAGE_DIM, TEXT_DIM, CLASSES = 24, 20, 12
 SMALL = dict(bits=8, width=16, hidden=32, heads=2, prompt_divisor=20)
@@ -36,44 +36,12 @@ def build(**kw) -> PBEH:
     return MODELS.get("PBEH")(image_dim=IMAGE_DIM, text_dim=TEXT_DIM, num_classes=CLASSES, **{**SMALL, **kw})
 
 
-def train_task(model, task, t, steps=10, lr=3e-3, seed=0, batch=32):
-    """``begin_task`` plus a few optimiser steps the way the runner takes them."""
-    torch.manual_seed(seed + t)
-    model.begin_task(task, t)
-    opts, _ = build_optimizers(model.param_groups(t), {"name": "adamw", "lr": lr, "weight_decay": 0.01})
-    gen = torch.Generator().manual_seed(seed + 100 * t)
-    history = []
-    model.begin_epoch(task, t, 0)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randperm(len(task.train), generator=gen)[:batch]
-        fs = task.train
-        losses = model.loss(Batch(fs.image[idx], fs.text[idx], fs.labels[idx], idx), t)
-        for opt in opts:
-            opt.zero_grad()
-        losses["loss"].backward()
-        for opt in opts:
-            opt.step()
-        history.append({k: float(v.detach()) for k, v in losses.items()})
-    model.eval()
-    return history
-
-
-def finish_task(model, task, t, store):
-    with torch.no_grad():
-        db = task.database
-        store.add(t, sign_codes(model.encode_image(db.image, t)), sign_codes(model.encode_text(db.text, t)), db.labels)
-    model.end_task(task, t, store)
+def train_task(model, task, t, steps=10, **kw):
+    return task_steps(model, task, t, steps, **kw)
 
 
 def run_tasks(stream, n, seed=0, **kw):
-    torch.manual_seed(seed)
-    model = build(**kw)
-    store = CodeStore()
-    for t in range(n):
-        train_task(model, stream.tasks[t], t, seed=seed)
-        finish_task(model, stream.tasks[t], t, store)
-    return model, store
+    return run_task_sequence(build, stream, n, steps=10, seed=seed, **kw)
 
 
 # ---------------------------------------------------------------------- the extension test

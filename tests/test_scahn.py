@@ -7,6 +7,7 @@ from models.scahn import SCAHN, likelihood_loss
 from hash_model_checks import (
     assert_batch_independent, assert_every_parameter_gets_gradient, assert_finite_loss, batch_of, codes,
     retrieval_map, single_thread, structured_task, train,  # noqa: F401  (fixture)
+    trained_twice,
 )
 
 
@@ -104,11 +105,8 @@ def test_batch_independent_after_training():
 
 def test_deterministic_with_a_seed():
     task = structured_task()
-    runs = []
-    for _ in range(2):
-        model = make(seed=4)
-        train(model, task, epochs=2, seed=2)
-        runs.append((codes(model, task.query), model.bit_significance()))
+    runs = [(codes(m, task.query), m.bit_significance())
+            for m in trained_twice(make, task, model_seed=4, train_seed=2)]
     assert torch.equal(runs[0][0]["image"], runs[1][0]["image"]) and torch.equal(runs[0][1], runs[1][1])
 
 
