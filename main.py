@@ -12,14 +12,15 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import dataset  # noqa: F401  (registers datasets)
 import models  # noqa: F401  (registers models)
 import runners  # noqa: F401  (registers runners, optimisers, schedules)
-from common.register import DATASETS, MODELS, OPTIMIZERS, RUNNERS
+from common.register import DATASETS, MODELS, OPTIMIZERS, RUNNERS, SCHEDULERS
+from dataset import extract_cli
+from runners import compare, evaluate_cli, search
 from utils.errors import UserError
-
 
 
 def default_output_dir(config_file: str | Path) -> Path:
@@ -45,7 +46,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from runners.experiment import format_results, run_config
-    from utils.config import load_config
+    from runners.config import load_config
 
     config = load_config(args.config_file, args.overrides)
     if args.quiet:
@@ -59,22 +60,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    for title, reg in (("models", MODELS), ("datasets", DATASETS), ("runners", RUNNERS), ("optimizers and schedules", OPTIMIZERS)):
+    for title, reg in (("models", MODELS), ("datasets", DATASETS), ("runners", RUNNERS), ("optimizers", OPTIMIZERS), ("schedulers", SCHEDULERS)):
         print(f"{title}: {', '.join(reg.names())}")
     return 0
-
-
-def _optional_command(module: str, add: str, run: str) -> Optional[tuple]:
-    """(add_arguments, run) of a command implemented elsewhere, or None if absent."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name == module:
-            return None
-        raise
-    return getattr(mod, add), getattr(mod, run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,26 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
                                        "matrices and the continual summary.")
     add_train_arguments(train)
     train.set_defaults(func=run_train)
-    commands: Dict[str, tuple] = {
-        "compare": ("runners.compare", "add_compare_arguments", "run_compare",
-                    "run several configs (or reuse finished runs) and write a side-by-side table and plots"),
-        "evaluate": ("runners.evaluate_cli", "add_evaluate_arguments", "run_evaluate",
-                     "re-score a finished run from its checkpoint and stored codes (mAP@K, tie-aware mAP, "
-                     "precision@N, PR curve) without retraining"),
-        "extract": ("dataset.extract_cli", "add_extract_arguments", "run_extract",
-                    "extract CLIP image/text features from raw images and captions into a feature cache"),
-        "index": ("runners.search", "add_index_arguments", "run_index",
-                  "export a run's stored database codes to FAISS binary indexes (flat, hash, multihash, ivf, hnsw)"),
-        "search": ("runners.search", "add_search_arguments", "run_search",
-                   "encode one image or text query with a run's hash model and list its nearest stored items"),
-    }
-    for name, (module, add, run, help_text) in commands.items():
-        found = _optional_command(module, add, run)
-        if found is None:
-            continue
+    commands = (
+        ("compare", compare, "add_compare_arguments", "run_compare",
+         "run several configs (or reuse finished runs) and write a side-by-side table and plots"),
+        ("evaluate", evaluate_cli, "add_evaluate_arguments", "run_evaluate",
+         "re-score a finished run from its checkpoint and stored codes (mAP@K, tie-aware mAP, "
+         "precision@N, PR curve) without retraining"),
+        ("extract", extract_cli, "add_extract_arguments", "run_extract",
+         "extract CLIP image/text features from raw images and captions into a feature cache"),
+        ("index", search, "add_index_arguments", "run_index",
+         "export a run's stored database codes to FAISS binary indexes (flat, hash, multihash, ivf, hnsw)"),
+        ("search", search, "add_search_arguments", "run_search",
+         "encode one image or text query with a run's hash model and list its nearest stored items"),
+    )
+    for name, module, add, run, help_text in commands:
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
-        found[0](p)
-        p.set_defaults(func=found[1])
+        getattr(module, add)(p)
+        p.set_defaults(func=getattr(module, run))
     lst = sub.add_parser("list", help="list the registered models, datasets, runners and optimisers")
     lst.set_defaults(func=run_list)
     return parser

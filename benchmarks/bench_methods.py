@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import main  # noqa: E402,F401  (fills the registries)
 from runners.experiment import run_config  # noqa: E402
-from utils.config import load_config  # noqa: E402
+from runners.config import load_config  # noqa: E402
 
 METHODS = ("CASH", "PBEH", "CAGMH", "SCAHN", "DCMHT", "DSPH")
 
@@ -60,7 +60,7 @@ def main_() -> None:
             wall = time.perf_counter() - t0
         train, evals = res["timing"]["train_seconds"], res["timing"]["eval_seconds"]
         rows.append((method, path.relative_to(ROOT), res["bits"][-1], cfg["runner"]["batch_size"], wall, train, evals,
-                     train / args.epochs * full_epochs, full_epochs, res["summary"]["i2t"]["acc"]))
+                     train / args.epochs * full_epochs, full_epochs, res.figure("i2t", "acc")))
         print(f"{method}: wall {wall:.1f}s (train {train:.1f}s, eval {evals:.1f}s)", flush=True)
 
     print(f"\n5 tasks, synthetic coco_balanced x{args.scale}, {args.epochs} epoch(s) per task, device {args.device}")

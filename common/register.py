@@ -1,4 +1,4 @@
-"""Flat name -> class registries for models, runners, optimizers/schedules and datasets.
+"""Flat name -> class registries for models, runners, optimizers, schedulers and datasets.
 
 Registration is explicit: each package's ``__init__`` imports its modules, and each
 module decorates its classes with ``@MODELS.register("NAME")``. Importing ``main``
@@ -72,4 +72,5 @@ class Registry:
 MODELS = Registry("model")
 RUNNERS = Registry("runner")
 OPTIMIZERS = Registry("optimizer")
+SCHEDULERS = Registry("scheduler")
 DATASETS = Registry("dataset")

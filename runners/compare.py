@@ -1,22 +1,26 @@
-"""Side-by-side comparison: run several configs (or reuse finished runs) and write one
-table and a few plots.
+"""Side-by-side comparison: run several configs over one or more seeds (or reuse finished
+runs) and write tables of mean +/- std, paired differences and plots.
 
-``python main.py compare --config-file A.yaml B.yaml ... [--output-dir D] [--set k=v ...]
-[--reuse]`` runs every config into ``D/runs/<METHOD>_<config name>/`` through
-``run_config`` (the same code path as ``train``) and writes, in ``D``:
+``python main.py compare --config-file A.yaml B.yaml ... [--seeds 1 2 3] [--jobs N]
+[--reference A] [--output-dir D] [--set k=v ...] [--reuse]`` runs every config (once
+per seed, ``runner.seed`` set to it) into ``D/runs/<METHOD>_<config name>/[seed_<s>/]``
+through the same code path as ``train`` and writes, in ``D``:
 
-* ``comparison.md`` / ``comparison.csv``: per run the method, dataset, final code
-  length, the final row of the result matrices (mAP of every task after the last
-  one), ACC, BWT and forgetting per direction, the task-agnostic mAP after the last
-  task, and training seconds;
-* ``heatmap_<run>_<direction>.png``: each result matrix R[t, j];
-* ``final_row.png``: mAP per task after the last task, grouped bars per method;
-* ``code_length.png`` (when a run reports ``bit_scalable``, e.g. SCAHN): mAP of all
-  queries against all stored codes versus code length; other runs appear as one
-  point at their own length.
+* ``comparison.md``: the summary table (ACC, BWT, forgetting, FWT, average incremental
+  mAP, task-agnostic mAP per direction, training seconds; mean +/- sample std over
+  seeds), mAP per task after the last task, and, with two or more seeds, each config's
+  paired difference to the reference config with a 95 % t interval;
+* ``comparison.csv`` (one row per config: every figure's mean and ``_std``),
+  ``runs.csv`` (one row per config and seed) and ``paired.csv``;
+* PNG plots: each result matrix as a heatmap (first seed), mAP per task after the last
+  task, and mAP versus code length where a run reports bit-scalable figures.
+
+Runs are independent processes' worth of state: each starts from the same threads and
+RNGs, so a config gives the same numbers alone, in any order, and with ``--jobs N``
+(N worker processes, each with the thread count a lone run would use).
 
 ``--reuse`` keeps a run whose ``results.json`` says finished and whose stored config
-equals the requested one (``runner.progress`` aside); an unfinished run with the same
+equals the requested one (display-only keys aside); an unfinished run with the same
 config is resumed; anything else is run again.
 """
 from __future__ import annotations
@@ -28,90 +32,226 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from runners.results import RunResults
+from runners.seed_stats import PairedDifference, Spread, paired_difference, spread
 from utils.errors import DataError
 from utils.io import atomic_write_bytes, atomic_write_text
 
 DIRECTIONS = (("i2t", "image -> text"), ("t2i", "text -> image"))
 # Config keys that change how a run looks, not what it computes.
 NEUTRAL_KEYS = (("runner", "progress"),)
-CSV_FIELDS = [
-    "method", "config", "dataset", "metric", "mode", "tasks", "bits",
-    "final_row_i2t", "final_row_t2i", "acc_i2t", "acc_t2i", "bwt_i2t", "bwt_t2i",
-    "forgetting_i2t", "forgetting_t2i", "agnostic_i2t", "agnostic_t2i",
-    "train_seconds", "eval_seconds", "run_dir", "reused",
-]
+SUMMARY_KEYS = ("acc", "avg_incremental", "bwt", "forgetting", "fwt")
 
 
 @dataclass
 class ComparedRun:
-    """One config of the comparison, with its results."""
+    """One config at one seed, with its results."""
 
     label: str
     slug: str
     config_file: str
     run_dir: Path
-    results: Dict[str, Any]
+    results: RunResults
     reused: bool
+    seed: Optional[int] = None
+
+
+@dataclass
+class ComparedConfig:
+    """One config of the comparison and its runs, one per seed."""
+
+    label: str
+    slug: str
+    config_file: str
+    runs: List[ComparedRun] = field(default_factory=list)
+
+    @property
+    def first(self) -> RunResults:
+        return self.runs[0].results
+
+    def values(self, figure: str) -> Dict[int, Optional[float]]:
+        """``figure`` of every run, by seed."""
+        return {run.seed if run.seed is not None else i: figure_value(run.results, figure)
+                for i, run in enumerate(self.runs)}
+
+    def spread(self, figure: str) -> Spread:
+        return spread(list(self.values(figure).values()))
+
+
+def _summary_figures() -> Dict[str, Callable[[RunResults], Optional[float]]]:
+    """The per-run figures every comparison reports, by column name."""
+    out: Dict[str, Callable[[RunResults], Optional[float]]] = {}
+    for key in SUMMARY_KEYS:
+        for d, _ in DIRECTIONS:
+            out[f"{key}_{d}"] = (lambda k, dd: lambda r: r.figure(dd, k))(key, d)
+    for d, _ in DIRECTIONS:
+        out[f"agnostic_{d}"] = (lambda dd: lambda r: r.agnostic(dd))(d)
+    out["train_seconds"] = lambda r: r.timing.get("train_seconds")
+    return out
+
+
+FIGURES = _summary_figures()
+_FINAL = re.compile(r"final_(i2t|t2i)_task_(\d+)")
+
+
+def figure_value(results: RunResults, name: str) -> Optional[float]:
+    """A figure of ``FIGURES`` or ``final_<direction>_task_<j>`` (R[T][j], 1-based j)."""
+    match = _FINAL.fullmatch(name)
+    if match:
+        row, j = results.final_row(match.group(1)), int(match.group(2)) - 1
+        return row[j] if j < len(row) else None
+    return FIGURES[name](results)
+
+
+def final_figures(tasks: int) -> List[str]:
+    return [f"final_{d}_task_{j + 1}" for d, _ in DIRECTIONS for j in range(tasks)]
+
+
+TABLE_COLUMNS = [
+    ("acc_i2t", "ACC i2t"), ("acc_t2i", "ACC t2i"), ("bwt_i2t", "BWT i2t"), ("bwt_t2i", "BWT t2i"),
+    ("forgetting_i2t", "forget i2t"), ("forgetting_t2i", "forget t2i"), ("fwt_i2t", "FWT i2t"),
+    ("fwt_t2i", "FWT t2i"), ("avg_incremental_i2t", "avg inc i2t"), ("avg_incremental_t2i", "avg inc t2i"),
+    ("agnostic_i2t", "agnostic i2t"), ("agnostic_t2i", "agnostic t2i"), ("train_seconds", "train s"),
+]
+PAIRED_FIGURES = ["acc_i2t", "acc_t2i", "bwt_i2t", "bwt_t2i", "agnostic_i2t", "agnostic_t2i"]
 
 
 # ====================================================================== command line
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config-file", dest="config_files", nargs="+", required=True, metavar="FILE",
-                        help="two or more YAML configs to run side by side, e.g. configs/DSPH/demo.yaml "
-                             "configs/DCMHT/demo.yaml")
+                        help="YAML configs to run side by side, e.g. configs/DSPH/demo.yaml configs/DCMHT/demo.yaml")
     parser.add_argument("--output-dir", default="outputs/compare", metavar="DIR",
-                        help="where comparison.md, comparison.csv, the PNG plots and runs/<METHOD>_<config>/ go "
-                             "(default: outputs/compare)")
+                        help="where comparison.md, comparison.csv, runs.csv, paired.csv, the PNG plots and "
+                             "runs/<METHOD>_<config>/ go (default: outputs/compare)")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override keys in every config, e.g. --set runner.epochs=5 runner.seed=2")
+                        help="override keys in every config, e.g. --set runner.epochs=5")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="S",
+                        help="run every config once per seed (runner.seed=S) and report mean +/- std; "
+                             "default: each config's own runner.seed")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="runs at once, in N worker processes (default 1); numbers equal those of --jobs 1")
+    parser.add_argument("--reference", metavar="CONFIG",
+                        help="the config the others are compared with, pair by pair over the seeds "
+                             "(a config file given to --config-file or its method label; default: the first)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep runs in DIR/runs/ whose results.json is finished and whose config equals the "
                              "requested one; resume unfinished ones with the same config; run the rest")
     parser.add_argument("--quiet", action="store_true", help="no log lines from the runs on the console")
 
 
-def run_compare(args: argparse.Namespace) -> int:
-    """Run or reuse every config, then write the table and the plots; returns 0."""
-    from utils.config import load_config
+@dataclass
+class PlannedRun:
+    """One run the comparison needs: where it goes and whether it is reused or resumed."""
 
-    files = list(getattr(args, "config_files", None) or getattr(args, "config_file", None) or [])
+    slug: str
+    config_file: str
+    seed: Optional[int]
+    config: Dict[str, Any]
+    run_dir: Path
+    action: str = "run"   # run | resume | reuse
+
+
+def plan_runs(files: Sequence[str], overrides: Sequence[str], seeds: Optional[Sequence[int]], out: Path,
+              reuse: bool, quiet: bool) -> List[PlannedRun]:
+    """Read and validate every config (nothing runs before all are valid) and decide, per
+    config and seed, where it runs and whether a finished run is reused."""
+    from runners.config import load_config
+    from runners.experiment import prepare
+
     if not files:
         raise DataError("compare: give at least one --config-file")
-    out = Path(args.output_dir)
-    # Every config is read and validated before anything runs.
-    configs = [(str(f), load_config(f, list(args.overrides or []))) for f in files]
-    quiet = bool(getattr(args, "quiet", False))
-    if quiet:  # as `train --quiet`: no progress bars either (runner.progress is neutral for --reuse)
-        for _, config in configs:
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise DataError(f"--seeds: each seed once, got {' '.join(map(str, seeds))}")
+    configs = [(str(f), load_config(f, list(overrides))) for f in files]
+    planned: List[PlannedRun] = []
+    for (path, config), name in zip(configs, run_names(configs)):
+        if quiet:  # as `train --quiet`: no progress bars either (runner.progress is neutral for --reuse)
             config["runner"]["progress"] = False
-    names = run_names([(f, c) for f, c in configs])
-    runs: List[ComparedRun] = []
-    for (path, config), name in zip(configs, names):
-        run_dir = out / "runs" / name
-        results, reused = None, False
-        resume = False
-        if args.reuse:
-            status = reusable(run_dir, config)
-            if status == "finished":
-                results, reused = load_results(run_dir), True
-                print(f"compare: reusing {run_dir} ({path})")
-            elif status == "unfinished":
-                resume = True
-        if results is None:
-            from runners.experiment import run_config
+        for seed in (seeds if seeds else [None]):
+            cfg = copy.deepcopy(config)
+            if seed is not None:
+                cfg["runner"]["seed"] = seed
+            prepare(cfg, source=path)   # the runner and dataset accept their values
+            run_dir = out / "runs" / name / f"seed_{seed}" if seed is not None else out / "runs" / name
+            action = "run"
+            if reuse:
+                status = reusable(run_dir, cfg)
+                action = {"finished": "reuse", "unfinished": "resume"}.get(status, "run")
+            planned.append(PlannedRun(name, path, seed, cfg, run_dir, action))
+    return planned
 
-            print(f"compare: {'resuming' if resume else 'running'} {path} -> {run_dir}")
-            results = run_config(config, run_dir, resume=resume, quiet=quiet)
-        runs.append(ComparedRun("", name, path, run_dir, results, reused))
-    assign_labels(runs)
-    write_comparison(out, runs)
-    print(format_table(runs))
+
+def execute(planned: Sequence[PlannedRun], jobs: int = 1, quiet: bool = False) -> List[ComparedRun]:
+    """Run (or reuse) every planned run, ``jobs`` at a time in worker processes; the
+    results come back in plan order."""
+    results: Dict[int, RunResults] = {}
+    todo = []
+    for i, p in enumerate(planned):
+        if p.action == "reuse":
+            results[i] = load_results(p.run_dir)
+            print(f"compare: reusing {p.run_dir} ({p.config_file})")
+        else:
+            todo.append(i)
+            print(f"compare: {'resuming' if p.action == 'resume' else 'running'} {p.config_file}"
+                  + (f" seed {p.seed}" if p.seed is not None else "") + f" -> {p.run_dir}")
+    if jobs == 1 or len(todo) <= 1:
+        from runners.experiment import run_config
+
+        for i in todo:
+            p = planned[i]
+            results[i] = run_config(p.config, p.run_dir, resume=p.action == "resume", quiet=quiet)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        import torch
+
+        context = multiprocessing.get_context("spawn")   # a clean interpreter per worker, on every platform
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
+            futures = {i: pool.submit(_run_in_worker, planned[i].config, str(planned[i].run_dir),
+                                      planned[i].action == "resume", torch.get_num_threads()) for i in todo}
+            for i, future in futures.items():
+                results[i] = RunResults.from_dict(future.result())
+    return [ComparedRun("", p.slug, p.config_file, p.run_dir, results[i], p.action == "reuse", p.seed)
+            for i, p in enumerate(planned)]
+
+
+def _run_in_worker(config: Dict[str, Any], run_dir: str, resume: bool, threads: int) -> Dict[str, Any]:
+    """One run in a worker process, with the parent's thread count (so its numbers equal
+    a serial run's); returns the results as plain data."""
+    import torch
+
+    import dataset  # noqa: F401  (fills the registries in the fresh interpreter)
+    import models  # noqa: F401
+    from runners.experiment import run_config
+
+    torch.set_num_threads(threads)
+    return run_config(config, run_dir, resume=resume, quiet=True).to_dict()
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Run or reuse every config and seed, then write the tables and the plots; returns 0."""
+    out = Path(args.output_dir)
+    quiet = bool(getattr(args, "quiet", False))
+    jobs = getattr(args, "jobs", 1)
+    if jobs < 1:
+        raise DataError(f"--jobs: expected a positive number of worker processes, got {jobs}")
+    planned = plan_runs(list(args.config_files), list(args.overrides or []), getattr(args, "seeds", None), out,
+                        bool(args.reuse), quiet)
+    runs = execute(planned, jobs, quiet)
+    groups = group_runs(runs)
+    reference = pick_reference(groups, getattr(args, "reference", None))
+    write_comparison(out, groups, reference)
+    print(format_table(groups))
+    paired = format_paired(groups, reference)
+    if paired:
+        print("\n" + paired)
     print(f"\ncomparison: {out / 'comparison.md'}")
     return 0
 
@@ -128,17 +268,36 @@ def run_names(configs: Sequence[Tuple[str, Dict[str, Any]]]) -> List[str]:
     return names
 
 
-def assign_labels(runs: List[ComparedRun]) -> None:
-    """The method name (+ `` joint`` for joint training); repeated labels get the run name."""
+def group_runs(runs: Sequence[ComparedRun]) -> List[ComparedConfig]:
+    """Runs grouped by config (in the order given), each labelled by its method
+    (+ `` joint`` for joint training); repeated labels get the run name."""
+    groups: Dict[str, ComparedConfig] = {}
     for run in runs:
-        r = run.results
-        run.label = f"{r.get('method') or '?'}" + (" joint" if r.get("mode") == "joint" else "")
+        if run.slug not in groups:
+            r = run.results
+            label = f"{r.method or '?'}" + (" joint" if r.mode == "joint" else "")
+            groups[run.slug] = ComparedConfig(label, run.slug, run.config_file)
+        groups[run.slug].runs.append(run)
     counts: Dict[str, int] = {}
-    for run in runs:
-        counts[run.label] = counts.get(run.label, 0) + 1
-    for run in runs:
-        if counts[run.label] > 1:
-            run.label = f"{run.label} ({run.slug})"
+    for g in groups.values():
+        counts[g.label] = counts.get(g.label, 0) + 1
+    for g in groups.values():
+        if counts[g.label] > 1:
+            g.label = f"{g.label} ({g.slug})"
+        for run in g.runs:
+            run.label = g.label
+    return list(groups.values())
+
+
+def pick_reference(groups: Sequence[ComparedConfig], wanted: Optional[str]) -> ComparedConfig:
+    """The config named by ``--reference`` (its file, as given, or its label), else the first."""
+    if wanted is None:
+        return groups[0]
+    for g in groups:
+        if wanted in (g.config_file, g.label, g.slug) or Path(wanted) == Path(g.config_file):
+            return g
+    known = ", ".join(g.config_file for g in groups)
+    raise DataError(f"--reference {wanted!r}: not one of the compared configs ({known})")
 
 
 # ====================================================================== reuse
@@ -150,11 +309,11 @@ def _neutral(config: Dict[str, Any]) -> Dict[str, Any]:
     return cfg
 
 
-def stored_config(run_dir: Path, results: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+def stored_config(run_dir: Path, results: Optional[RunResults] = None) -> Optional[Dict[str, Any]]:
     """The resolved config a run was made with: ``results.json``'s ``config`` when the
     runner stored it there, else the run's ``config.yaml``."""
-    if results and isinstance(results.get("config"), dict):
-        return results["config"]
+    if results is not None and isinstance(results.config, dict):
+        return results.config
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None
@@ -165,7 +324,7 @@ def stored_config(run_dir: Path, results: Optional[Dict[str, Any]] = None) -> Op
     return data if isinstance(data, dict) else None
 
 
-def load_results(run_dir: Path) -> Dict[str, Any]:
+def load_results(run_dir: Path) -> RunResults:
     path = run_dir / "results.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -175,7 +334,7 @@ def load_results(run_dir: Path) -> Dict[str, Any]:
         raise DataError(f"{path}: not a readable results file ({exc})") from None
     if not isinstance(data, dict) or "map" not in data:
         raise DataError(f"{path}: not a results file written by the runner (no 'map' key)")
-    return data
+    return RunResults.from_dict(data)
 
 
 def reusable(run_dir: Path, config: Dict[str, Any]) -> str:
@@ -190,117 +349,133 @@ def reusable(run_dir: Path, config: Dict[str, Any]) -> str:
     stored = stored_config(run_dir, results)
     if stored is None or _neutral(stored) != _neutral(config):
         return "no"
-    if results.get("status") == "finished" and results.get("completed_tasks", results.get("tasks")) == results.get("tasks"):
+    if results.finished:
         return "finished"
     return "unfinished"
 
 
-# ====================================================================== table
-def _final_row(results: Dict[str, Any], direction: str) -> List[Optional[float]]:
-    done = int(results.get("completed_tasks", results["tasks"]))
-    if done < 1:
-        return []
-    return list(results["map"][direction][done - 1][:done])
+# ====================================================================== tables
+def _num(v: Optional[float]) -> str:
+    return "" if v is None else f"{v:.6f}"
 
 
-def _summary(results: Dict[str, Any], direction: str, key: str) -> Optional[float]:
-    value = (results.get("summary") or {}).get(direction, {}).get(key)
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
-
-
-def _agnostic(results: Dict[str, Any], direction: str) -> Optional[float]:
-    col = (results.get("task_agnostic") or {}).get(direction) or []
-    return float(col[-1]) if col else None
-
-
-def row_of(run: ComparedRun) -> Dict[str, Any]:
-    """One CSV / table row (numbers unrounded; None where undefined)."""
-    r = run.results
-    timing = r.get("timing") or {}
-    bits = r.get("bits") or []
-    return {
-        "method": run.label,
-        "config": run.config_file,
-        "dataset": r.get("dataset"),
-        "metric": r.get("metric"),
-        "mode": r.get("mode", "continual"),
-        "tasks": r.get("tasks"),
-        "bits": bits[-1] if bits else None,
-        "final_row_i2t": _final_row(r, "i2t"),
-        "final_row_t2i": _final_row(r, "t2i"),
-        "acc_i2t": _summary(r, "i2t", "acc"),
-        "acc_t2i": _summary(r, "t2i", "acc"),
-        "bwt_i2t": _summary(r, "i2t", "bwt"),
-        "bwt_t2i": _summary(r, "t2i", "bwt"),
-        "forgetting_i2t": _summary(r, "i2t", "forgetting"),
-        "forgetting_t2i": _summary(r, "t2i", "forgetting"),
-        "agnostic_i2t": _agnostic(r, "i2t"),
-        "agnostic_t2i": _agnostic(r, "t2i"),
-        "train_seconds": timing.get("train_seconds"),
-        "eval_seconds": timing.get("eval_seconds"),
-        "run_dir": str(run.run_dir),
-        "reused": run.reused,
-    }
-
-
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    if isinstance(v, list):
-        return " ".join(_fmt(x, digits) for x in v)
-    return str(v)
-
-
-def comparison_csv(runs: Sequence[ComparedRun]) -> str:
+def comparison_csv(groups: Sequence[ComparedConfig]) -> str:
+    """One row per config: facts, then every figure's mean and its ``_std`` over seeds."""
+    figures = list(FIGURES) + final_figures(max(g.first.tasks for g in groups))
+    fields = ["method", "config", "dataset", "metric", "mode", "tasks", "bits", "seeds"]
+    fields += [c for f in figures for c in (f, f"{f}_std")] + ["run_dirs", "reused"]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
-    for run in runs:
-        row = row_of(run)
-        writer.writerow({k: ("" if row[k] is None else (" ".join("" if x is None else f"{x:.6f}" for x in row[k])
-                                                         if isinstance(row[k], list) else
-                                                         (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k])))
-                         for k in CSV_FIELDS})
+    for g in groups:
+        r = g.first
+        row = {"method": g.label, "config": g.config_file, "dataset": r.dataset, "metric": r.metric,
+               "mode": r.mode, "tasks": r.tasks, "bits": r.bits[-1] if r.bits else "",
+               "seeds": " ".join(str(run.results.seed) for run in g.runs),
+               "run_dirs": " ".join(str(run.run_dir) for run in g.runs),
+               "reused": all(run.reused for run in g.runs)}
+        for f in figures:
+            s = g.spread(f)
+            row[f], row[f"{f}_std"] = _num(s.mean), _num(s.std)
+        writer.writerow(row)
     return buf.getvalue()
 
 
-TABLE_COLUMNS = [
-    ("method", "method"), ("dataset", "dataset"), ("bits", "bits"),
-    ("final_row_i2t", "final row i2t"), ("final_row_t2i", "final row t2i"),
-    ("acc_i2t", "ACC i2t"), ("acc_t2i", "ACC t2i"), ("bwt_i2t", "BWT i2t"), ("bwt_t2i", "BWT t2i"),
-    ("forgetting_i2t", "forget i2t"), ("forgetting_t2i", "forget t2i"),
-    ("agnostic_i2t", "agnostic i2t"), ("agnostic_t2i", "agnostic t2i"), ("train_seconds", "train s"),
-]
+def runs_csv(groups: Sequence[ComparedConfig]) -> str:
+    """One row per config and seed, every figure as measured."""
+    figures = list(FIGURES) + final_figures(max(g.first.tasks for g in groups))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "config", "seed"] + figures + ["run_dir", "reused"])
+    for g in groups:
+        for run in g.runs:
+            writer.writerow([g.label, g.config_file, run.results.seed]
+                            + [_num(figure_value(run.results, f)) for f in figures] + [str(run.run_dir), run.reused])
+    return buf.getvalue()
 
 
-def format_table(runs: Sequence[ComparedRun]) -> str:
-    """The comparison as a markdown table (also printed on the console)."""
-    lines = ["| " + " | ".join(h for _, h in TABLE_COLUMNS) + " |",
-             "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
-    for run in runs:
-        row = row_of(run)
-        cells = [_fmt(row[k], 1 if k == "train_seconds" else 4) for k, _ in TABLE_COLUMNS]
+def paired_rows(groups: Sequence[ComparedConfig], reference: ComparedConfig) -> List[Tuple[ComparedConfig, Dict[str, PairedDifference]]]:
+    """Each other config's paired difference to ``reference`` per figure (needs 2+ shared seeds)."""
+    out = []
+    for g in groups:
+        if g is reference:
+            continue
+        diffs = {f: paired_difference(g.values(f), reference.values(f)) for f in PAIRED_FIGURES}
+        if any(d.n >= 2 for d in diffs.values()):
+            out.append((g, diffs))
+    return out
+
+
+def paired_csv(groups: Sequence[ComparedConfig], reference: ComparedConfig) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "reference", "figure", "difference", "ci_low", "ci_high", "level", "seeds"])
+    for g, diffs in paired_rows(groups, reference):
+        for f, d in diffs.items():
+            writer.writerow([g.label, reference.label, f, _num(d.mean), _num(d.low), _num(d.high), d.level, d.n])
+    return buf.getvalue()
+
+
+def format_table(groups: Sequence[ComparedConfig]) -> str:
+    """The summary as a markdown table (also printed on the console): mean +/- std over seeds."""
+    head = ["method", "dataset", "bits", "seeds"] + [h for _, h in TABLE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for g in groups:
+        r = g.first
+        cells = [g.label, str(r.dataset), str(r.bits[-1]) if r.bits else "-", str(len(g.runs))]
+        cells += [g.spread(k).text(1 if k == "train_seconds" else 4) for k, _ in TABLE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def comparison_markdown(runs: Sequence[ComparedRun], figures: Dict[str, List[str]]) -> str:
-    metrics = sorted({str(r.results.get("metric")) for r in runs})
+def format_final_rows(groups: Sequence[ComparedConfig]) -> str:
+    """mAP of every task after the last one, per config and direction (mean +/- std)."""
+    T = max(g.first.tasks for g in groups)
+    head = ["method", "direction"] + [f"task {j + 1}" for j in range(T)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for g in groups:
+        for d, _ in DIRECTIONS:
+            cells = [g.spread(f"final_{d}_task_{j + 1}").text() for j in range(T)]
+            lines.append("| " + " | ".join([g.label, d] + cells) + " |")
+    return "\n".join(lines)
+
+
+def format_paired(groups: Sequence[ComparedConfig], reference: ComparedConfig) -> str:
+    """Paired differences to the reference (mean [95 % t interval]); empty with one seed."""
+    rows = paired_rows(groups, reference)
+    if not rows:
+        return ""
+    head = ["method", "seeds"] + [f"Δ {h}" for k, h in TABLE_COLUMNS if k in PAIRED_FIGURES]
+    lines = [f"Paired differences to {reference.label} over shared seeds: mean [95% t interval]; "
+             "* marks an interval that excludes 0.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for g, diffs in rows:
+        cells = [d.text() + (" *" if d.significant else "") for d in diffs.values()]
+        lines.append("| " + " | ".join([g.label, str(max(d.n for d in diffs.values()))] + cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_markdown(groups: Sequence[ComparedConfig], reference: ComparedConfig,
+                        figures: Dict[str, List[str]]) -> str:
+    metrics = sorted({str(g.first.metric) for g in groups})
     lines = ["# Comparison", ""]
     lines.append(f"Metric: {', '.join(metrics)}" + (" (runs differ in metric: do not compare across them)"
                                                     if len(metrics) > 1 else "") + ". "
-                 "`final row` = mAP of every task after training the last one; ACC = its mean; "
-                 "BWT and forgetting average over the first T - 1 tasks; `agnostic` = all queries "
-                 "against all stored codes after the last task.")
-    lines += ["", format_table(runs), "", "Runs:", ""]
-    for run in runs:
-        lines.append(f"- {run.label}: `{run.config_file}` -> `{run.run_dir}`" + (" (reused)" if run.reused else ""))
+                 "ACC = mean mAP over all tasks after the last one; BWT and forgetting average over the "
+                 "first T - 1 tasks; FWT = score on a task before training on it minus the untrained "
+                 "model's; `agnostic` = all queries against all stored codes after the last task. "
+                 "Cells are mean ± sample std over seeds.")
+    lines += ["", format_table(groups), "", "## mAP per task after the last task", "", format_final_rows(groups)]
+    paired = format_paired(groups, reference)
+    if paired:
+        lines += ["", "## Paired differences", "", paired]
+    lines += ["", "Runs:", ""]
+    for g in groups:
+        for run in g.runs:
+            lines.append(f"- {g.label}: `{g.config_file}`" + (f" seed {run.seed}" if run.seed is not None else "")
+                         + f" -> `{run.run_dir}`" + (" (reused)" if run.reused else ""))
     if figures.get("heatmaps"):
-        lines += ["", "## Result matrices (row = after task t, column = task evaluated)", ""]
+        lines += ["", "## Result matrices (row = after task t, column = task evaluated; first seed)", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in figures["heatmaps"]]
     if figures.get("final_row"):
         lines += ["", "## mAP per task after the last task", ""] + [f"![final row]({p})" for p in figures["final_row"]]
@@ -312,13 +487,15 @@ def comparison_markdown(runs: Sequence[ComparedRun], figures: Dict[str, List[str
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(out: Path, runs: Sequence[ComparedRun]) -> Dict[str, List[str]]:
-    """Write comparison.csv, the plots and comparison.md into ``out``; returns the
-    figure file names written, by kind."""
+def write_comparison(out: Path, groups: Sequence[ComparedConfig], reference: ComparedConfig) -> Dict[str, List[str]]:
+    """Write the CSV files, the plots and comparison.md into ``out``; returns the figure
+    file names written, by kind."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "comparison.csv", comparison_csv(runs))
-    figures = write_plots(out, runs)
-    atomic_write_text(out / "comparison.md", comparison_markdown(runs, figures))
+    atomic_write_text(out / "comparison.csv", comparison_csv(groups))
+    atomic_write_text(out / "runs.csv", runs_csv(groups))
+    atomic_write_text(out / "paired.csv", paired_csv(groups, reference))
+    figures = write_plots(out, [g.runs[0] for g in groups])
+    atomic_write_text(out / "comparison.md", comparison_markdown(groups, reference, figures))
     return figures
 
 
@@ -336,14 +513,13 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _matrix(results: Dict[str, Any], direction: str):
+def _matrix(results: RunResults, direction: str):
     import numpy as np
 
-    T = int(results["tasks"])
-    done = int(results.get("completed_tasks", T))
+    T, done = results.tasks, results.completed_tasks
     M = np.full((done, T), np.nan)
     for t in range(done):
-        for j, v in enumerate(results["map"][direction][t]):
+        for j, v in enumerate(results.row(direction, t)):
             if v is not None:
                 M[t, j] = float(v)
     return M
@@ -383,16 +559,16 @@ def write_plots(out: Path, runs: Sequence[ComparedRun]) -> Dict[str, List[str]]:
     # grouped bars: one panel per dataset and direction
     datasets: Dict[str, List[ComparedRun]] = {}
     for run in runs:
-        datasets.setdefault(str(run.results.get("dataset")), []).append(run)
+        datasets.setdefault(str(run.results.dataset), []).append(run)
     fig = Figure(figsize=(11, 3.2 * len(datasets)))
     axes = fig.subplots(len(datasets), 2, squeeze=False)
     for row, (dataset, group) in enumerate(datasets.items()):
         for col, (d, title) in enumerate(DIRECTIONS):
             ax = axes[row][col]
-            T = max(len(_final_row(r.results, d)) for r in group)
+            T = max(len(r.results.final_row(d)) for r in group)
             width = 0.8 / max(1, len(group))
             for k, run in enumerate(group):
-                vals = [float("nan") if v is None else v for v in _final_row(run.results, d)]
+                vals = [float("nan") if v is None else v for v in run.results.final_row(d)]
                 xs = [j + (k - (len(group) - 1) / 2) * width for j in range(len(vals))]
                 ax.bar(xs, vals, width=width, label=run.label, color=colour[id(run)])
             ax.set_xticks(range(T), [f"task {j + 1}" for j in range(T)])
@@ -405,23 +581,23 @@ def write_plots(out: Path, runs: Sequence[ComparedRun]) -> Dict[str, List[str]]:
     _save(fig, out / "final_row.png")
     figures["final_row"].append("final_row.png")
 
-    scalable = [r for r in runs if r.results.get("bit_scalable")]
+    scalable = [r for r in runs if r.results.bit_scalable]
     if scalable:
         fig = Figure(figsize=(10, 3.4))
         axes = fig.subplots(1, 2, squeeze=False)[0]
         for ax, (d, title) in zip(axes, DIRECTIONS):
             for run in runs:
-                bs = run.results.get("bit_scalable")
+                bs = run.results.bit_scalable
                 if bs:
                     pts = sorted((int(b), float(v[d])) for b, v in bs.items())
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=run.label, color=colour[id(run)])
                 else:
-                    agn, bits = _agnostic(run.results, d), run.results.get("bits") or []
+                    agn, bits = run.results.agnostic(d), run.results.bits
                     if agn is not None and bits:
                         ax.scatter([bits[-1]], [agn], marker="s", label=run.label, color=colour[id(run)])
             ax.set_xscale("log", base=2)
-            ticks = sorted({int(b) for r in runs for b in (r.results.get("bit_scalable") or {})}
-                           | {int(r.results["bits"][-1]) for r in runs if r.results.get("bits")})
+            ticks = sorted({int(b) for r in runs for b in (r.results.bit_scalable or {})}
+                           | {int(r.results.bits[-1]) for r in runs if r.results.bits})
             ax.set_xticks(ticks, [str(b) for b in ticks])
             ax.minorticks_off()
             ax.set_xlabel("code length (bits)")

@@ -16,7 +16,7 @@ import torch
 from common.calc_utils import calc_map_k, calc_pr_curve, calc_precision_at_n
 from runners.evaluation import encode_codes
 from runners.experiment import load_run
-from utils.config import build
+from runners.config import build
 from utils.io import atomic_write_json
 
 
@@ -71,7 +71,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         "run_dir": str(Path(args.run_dir)), "after_task": run.task, "metric": metric, "ties": args.ties,
         "bits": run.store.bits(), "per_task": [], "task_agnostic": None,
     }
-    joint = run.results.get("mode") == "joint"
+    joint = run.results.mode == "joint"
     for j in range(run.task):
         query = stream.tasks[j].query.to(device)
         codes = encode_codes(run.model, query, 0 if joint else j)

@@ -5,7 +5,7 @@ every path encodes and scores the same way.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -112,7 +112,3 @@ def score_bit_prefixes(
             "t2i": float(calc_map_k(q["text"], db["image"], query_labels.cpu(), labels, k=topk)),
         }
     return out
-
-
-def empty_matrix(n: int) -> List[List[Optional[float]]]:
-    return [[None] * n for _ in range(n)]

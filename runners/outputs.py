@@ -18,7 +18,8 @@ import torch
 
 from common.code_store import CodeStore
 from models.base import HashModel
-from utils.config import dump_config
+from runners.config import dump_config
+from runners.results import DIRECTIONS, RunResults
 from utils.errors import ConfigError, DataError
 from utils.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from utils.logging import close_logger, run_logger
@@ -83,15 +84,43 @@ class RunOutput:
         if self._writer is not None:
             self._writer.add_scalar(tag, value, step)
 
+    def task_scalars(self, results: RunResults, t: int) -> None:
+        """TensorBoard figures after task t (step = tasks finished): row t of R, its
+        average A_t, the task-agnostic mAP and the continual summary so far."""
+        if self._writer is None:
+            return
+        for d in DIRECTIONS:
+            for j, v in enumerate(results.row(d, t)[: t + 1]):
+                self._writer.add_scalar(f"map_{d}/task_{j + 1}", v, t + 1)
+            self.scalar(f"continual_{d}/average", results.row_average(d, t), t + 1)
+            if results.agnostic(d, t) is not None:
+                self.scalar(f"continual_{d}/task_agnostic", results.agnostic(d, t), t + 1)
+            for key in ("acc", "bwt", "forgetting", "fwt"):
+                if results.figure(d, key) is not None:
+                    self.scalar(f"continual_{d}/{key}", results.figure(d, key), t + 1)
+
+    def hparams(self, results: RunResults) -> None:
+        """The run's hyperparameters beside its final ACC and task-agnostic mAP."""
+        if self._writer is None:
+            return
+        flat = {f"{block}.{k}": v if isinstance(v, (int, float, str, bool)) else str(v)
+                for block, spec in self.config.items() if isinstance(spec, dict) for k, v in spec.items()}
+        metrics = {f"hparam/acc_{d}": results.figure(d, "acc") for d in DIRECTIONS}
+        metrics.update({f"hparam/agnostic_{d}": results.agnostic(d) for d in DIRECTIONS})
+        self._writer.add_hparams(flat, {k: v for k, v in metrics.items() if v is not None}, run_name="hparams")
+
     def save_task(
-        self, t: int, model: HashModel, store: CodeStore, state: Dict[str, Any], keep: bool, last: bool
+        self, t: int, model: HashModel, store: CodeStore, results: RunResults, keep: bool, last: bool
     ) -> None:
         """After task t: checkpoint, codes, results; the resume state is written last so
         an interruption anywhere leaves a consistent earlier state."""
         if last:
-            state["status"] = "finished"
+            results.status = "finished"
         if not self.enabled:
             return
+        if last:
+            self.hparams(results)
+        state = results.to_dict()
         model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if keep:
             atomic_torch_save(
@@ -100,7 +129,7 @@ class RunOutput:
                  "dims": state["dims"]},
             )
         store.save(self.root / "codes.npz")
-        write_results(self.root, state)
+        write_results(self.root, results)
         atomic_torch_save(
             self.checkpoint_dir / "last.pt",
             {
@@ -118,24 +147,19 @@ class RunOutput:
         close_logger(self.logger)
 
 
-def write_results(root: Path, state: Dict[str, Any]) -> None:
+def write_results(root: Path, results: RunResults) -> None:
     """``results.json`` (everything) and ``results.csv`` (the matrices, one row per
     training step and direction, with the row average and the task-agnostic column)."""
-    atomic_write_json(root / "results.json", state)
-    T = state["tasks"]
+    atomic_write_json(root / "results.json", results.to_dict())
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["direction", "after_task", "bits"] + [f"task_{j + 1}" for j in range(T)] + ["average", "task_agnostic"])
-    for d in ("i2t", "t2i"):
-        for t, row in enumerate(state["map"][d]):
-            if t >= state["completed_tasks"]:
-                break
-            seen = [v for v in row[: t + 1] if v is not None]
-            agn = state["task_agnostic"][d][t] if t < len(state["task_agnostic"][d]) else ""
-            writer.writerow(
-                [d, t + 1, state["bits"][t]] + ["" if v is None else f"{v:.6f}" for v in row]
-                + [f"{sum(seen) / len(seen):.6f}" if seen else "", "" if agn == "" else f"{agn:.6f}"]
-            )
+    writer.writerow(["direction", "after_task", "bits"] + [f"task_{j + 1}" for j in range(results.tasks)]
+                    + ["average", "task_agnostic"])
+    num = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731
+    for d in DIRECTIONS:
+        for t in range(results.completed_tasks):
+            writer.writerow([d, t + 1, results.bits[t]] + [num(v) for v in results.row(d, t)]
+                            + [num(results.row_average(d, t)), num(results.agnostic(d, t))])
     atomic_write_text(root / "results.csv", buf.getvalue())
 
 

@@ -285,7 +285,7 @@ def _open_image(path: str):
 
 def _dataset_row(run, split: str, task: Optional[int], row: Optional[int], modality: str):
     """(features, layers, sample id, labels) of a row of the run's own config dataset."""
-    from utils.config import build
+    from runners.config import build
 
     if task is None:
         raise UserError("--from-dataset: give --task T (1-based) to pick the task whose split holds the row")

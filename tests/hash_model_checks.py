@@ -6,22 +6,12 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional
 
-import pytest
 import torch
 
 from dataset.feature_set import FeatureSet, Task
-from models.base import Batch, HashModel, sign_codes
+from models.base import HashModel, sign_codes
+from runners.continual import ContinualRunner, OptimSpec
 from runners.optim import build_optimizers as runner_optimizers
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread, and far faster than on two threads of a
-    busy shared machine; the previous setting is restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def structured_features(n: int, num_classes: int, image_dim: int, text_dim: int, seed: int,
@@ -53,67 +43,49 @@ def structured_task(num_classes: int = 4, image_dim: int = 20, text_dim: int = 1
                 database=make(n_db, 4), classes=tuple(range(num_classes)))
 
 
-def batch_of(fs: FeatureSet, idx: torch.Tensor) -> Batch:
-    return Batch(image=fs.image[idx], text=fs.text[idx], labels=fs.labels[idx], index=idx,
-                 image_layers=None if fs.image_layers is None else fs.image_layers[idx],
-                 text_layers=None if fs.text_layers is None else fs.text_layers[idx])
+batch_of = ContinualRunner.batch
+
+
+ADAMW = {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0}
 
 
 def build_optimizers(model: HashModel, lr: float = 1e-2) -> List[torch.optim.Optimizer]:
     """The runner's optimisers for task 0's parameter groups: AdamW at ``lr`` over the
     groups without an optimiser of their own, plus each group's own optimiser."""
-    optimizers, _ = runner_optimizers(model.param_groups(0), {"name": "adamw", "lr": lr, "weight_decay": 0.0})
+    optimizers, _ = runner_optimizers(model.param_groups(0), {**ADAMW, "lr": lr})
     return optimizers
 
 
 def train(model: HashModel, task: Task, epochs: int = 10, batch_size: int = 32, lr: float = 1e-2,
           seed: int = 0) -> List[float]:
-    """Train on ``task.train`` through the model's hooks; returns the mean loss per epoch."""
+    """Train on ``task.train`` as the runner does (its ``train_epoch``); returns the mean
+    loss per epoch."""
     torch.manual_seed(seed)
     model.begin_task(task, 0)
-    opts = build_optimizers(model, lr)
+    runner = ContinualRunner(epochs=epochs, batch_size=batch_size, seed=seed, progress=False)
+    opt = runner.task_optim(model, 0, len(task.train), OptimSpec({**ADAMW, "lr": lr}))
     gen = torch.Generator().manual_seed(seed)
-    history = []
-    n = len(task.train)
-    for epoch in range(epochs):
-        model.begin_epoch(task, 0, epoch)
-        model.train()
-        total, count = 0.0, 0
-        for idx in torch.randperm(n, generator=gen).split(batch_size):
-            if len(idx) < 2:
-                continue
-            loss = model(batch_of(task.train, idx), 0)["loss"]
-            for o in opts:
-                o.zero_grad()
-            loss.backward()
-            for o in opts:
-                o.step()
-            total, count = total + float(loss.detach()), count + 1
-        history.append(total / count)
+    history = [runner.train_epoch(model, task, 0, epoch, opt, gen)["loss"] for epoch in range(epochs)]
     model.eval()
     return history
 
 
 def task_steps(model: HashModel, task: Task, t: int, steps: int, lr: float = 3e-3, seed: int = 0,
                batch: int = 32) -> List[Dict[str, float]]:
-    """``begin_task(t)`` plus ``steps`` optimiser steps on random batches of ``task.train``,
-    with the runner's optimisers; returns every step's losses."""
+    """``begin_task(t)`` plus ``steps`` runner steps (``train_step``) on random batches of
+    ``task.train``; returns every step's losses."""
     torch.manual_seed(seed + t)
     model.begin_task(task, t)
-    opts, _ = runner_optimizers(model.param_groups(t), {"name": "adamw", "lr": lr, "weight_decay": 0.01})
+    runner = ContinualRunner(batch_size=batch, seed=seed, progress=False)
+    opt = runner.task_optim(model, t, len(task.train), OptimSpec({"name": "adamw", "lr": lr, "weight_decay": 0.01}))
     gen = torch.Generator().manual_seed(seed + 100 * t)
     history = []
     model.begin_epoch(task, t, 0)
     model.train()
     for _ in range(steps):
         idx = torch.randperm(len(task.train), generator=gen)[:batch]
-        losses = model.loss(batch_of(task.train, idx), t)
-        for opt in opts:
-            opt.zero_grad()
-        losses["loss"].backward()
-        for opt in opts:
-            opt.step()
-        history.append({k: float(v.detach()) for k, v in losses.items()})
+        losses = runner.train_step(model, model, task.train, idx, t, opt)
+        history.append({k: float(v) for k, v in losses.items()})
     model.eval()
     return history
 
@@ -138,16 +110,6 @@ def run_task_sequence(build, stream, n: int, steps: int, seed: int = 0, **kw):
         task_steps(model, stream.tasks[t], t, steps, seed=seed)
         finish_task(model, stream.tasks[t], t, store)
     return model, store
-
-
-def trained_twice(make, task: Task, model_seed: int, train_seed: int, epochs: int = 2):
-    """Two models built with ``make(seed=model_seed)`` and trained alike: a determinism check."""
-    models = []
-    for _ in range(2):
-        model = make(seed=model_seed)
-        train(model, task, epochs=epochs, seed=train_seed)
-        models.append(model)
-    return models
 
 
 def brute_map(q: torch.Tensor, db: torch.Tensor, q_labels: torch.Tensor, db_labels: torch.Tensor) -> float:

@@ -1,6 +1,7 @@
 """The compare command, on hand-made results.json files (no training)."""
 import argparse
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,8 @@ import pytest
 import main
 import runners.compare as compare
 from runners.compare import add_compare_arguments, reusable, run_compare
-from utils.config import load_config
+from runners.config import load_config
+from runners.results import RunResults
 from utils.io import atomic_write_json
 
 REPO = Path(main.__file__).parent
@@ -65,9 +67,10 @@ def no_training(monkeypatch):
 
     def fake_run_config(config, output_dir, resume=False, quiet=False):
         calls.append({"config": config, "dir": Path(output_dir), "resume": resume})
-        res = fake_results(config["model"]["name"], config, offset=-0.2)
+        res = fake_results(config["model"]["name"], config, offset=-0.2 + 0.01 * config["runner"]["seed"])
+        res["seed"] = config["runner"]["seed"]
         atomic_write_json(Path(output_dir) / "results.json", res)
-        return res
+        return RunResults.from_dict(res)
 
     monkeypatch.setattr(experiment, "run_config", fake_run_config)
     return calls
@@ -83,7 +86,7 @@ def test_reuses_finished_runs_and_writes_table_and_plots(tmp_path, no_training):
                                                     "32": {"i2t": 0.45, "t2i": 0.35}}))
     # DCMHT's results.json has no config: the run's config.yaml is read instead
     (out / "runs" / "DCMHT_demo" / "config.yaml").write_text(
-        __import__("utils.config", fromlist=["dump_config"]).dump_config(dcmht))
+        __import__("runners.config", fromlist=["dump_config"]).dump_config(dcmht))
     assert run_compare(args_for([DSPH, DCMHT, SCAHN], out)) == 0
     assert no_training == []                         # everything reused
 
@@ -91,16 +94,17 @@ def test_reuses_finished_runs_and_writes_table_and_plots(tmp_path, no_training):
     assert [r["method"] for r in rows] == ["DSPH", "DCMHT", "SCAHN"]
     dsph_row = rows[0]
     assert dsph_row["bits"] == "16" and rows[2]["bits"] == "32"
-    assert [float(x) for x in dsph_row["final_row_i2t"].split()] == pytest.approx([0.7, 0.8, 0.9])
+    assert [float(dsph_row[f"final_i2t_task_{j}"]) for j in (1, 2, 3)] == pytest.approx([0.7, 0.8, 0.9])
     assert float(dsph_row["acc_i2t"]) == pytest.approx(0.8)
     assert float(dsph_row["acc_t2i"]) == pytest.approx(0.7)
     assert float(dsph_row["bwt_i2t"]) == pytest.approx(-0.15)
     assert float(dsph_row["forgetting_t2i"]) == pytest.approx(0.15)
     assert float(rows[1]["agnostic_i2t"]) == pytest.approx(0.55)
     assert float(dsph_row["train_seconds"]) == 12.5 and dsph_row["reused"] == "True"
+    assert dsph_row["acc_i2t_std"] == ""                       # one seed: no spread
 
     md = (out / "comparison.md").read_text()
-    assert "| DCMHT | demo | 16 | 0.7500 0.8500 0.9500 |" in md
+    assert "| DCMHT | i2t | 0.7500 | 0.8500 | 0.9500 |" in md
     for name in ["heatmap_DSPH_demo_i2t.png", "heatmap_SCAHN_demo_t2i.png", "final_row.png", "code_length.png"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"({name})" in md
@@ -139,7 +143,7 @@ def test_single_task_runs_have_no_bwt(tmp_path, no_training):
     run_compare(args_for([DSPH], out))
     row = next(csv.DictReader((out / "comparison.csv").open()))
     assert row["bwt_i2t"] == "" and row["acc_i2t"] != ""
-    assert "| DSPH | demo | 16 | 0.9000 | 0.8000 | 0.9000 | 0.8000 | - | - |" in (out / "comparison.md").read_text()
+    assert "| DSPH | demo | 16 | 1 | 0.9000 | 0.8000 | - | - | - | - |" in (out / "comparison.md").read_text()
 
 
 def test_cli_wiring_and_bad_config_refused_before_running(tmp_path, no_training, capsys):
@@ -159,3 +163,72 @@ def test_corrupt_results_json_is_not_reused(tmp_path):
     assert reusable(d, load_config(DSPH, [])) == "no"
     with pytest.raises(compare.DataError, match="results.json"):
         compare.load_results(d)
+
+
+def test_seeds_give_mean_std_and_paired_intervals(tmp_path, no_training):
+    out = tmp_path / "cmp"
+    args = args_for([DSPH, DCMHT], out, reuse=False)
+    args.seeds, args.reference = [1, 2, 3], DCMHT
+    assert run_compare(args) == 0
+    assert sorted(str(c["dir"].relative_to(out)) for c in no_training) == [
+        f"runs/{m}_demo/seed_{s}" for m in ("DCMHT", "DSPH") for s in (1, 2, 3)]
+    assert [c["config"]["runner"]["seed"] for c in no_training] == [1, 2, 3, 1, 2, 3]
+    rows = {r["method"]: r for r in csv.DictReader((out / "comparison.csv").open())}
+    # fake ACC i2t = 0.8 - 0.2 + 0.01 * seed: mean 0.62, sample std 0.01
+    assert float(rows["DSPH"]["acc_i2t"]) == pytest.approx(0.62)
+    assert float(rows["DSPH"]["acc_i2t_std"]) == pytest.approx(0.01)
+    assert rows["DSPH"]["seeds"] == "1 2 3"
+    assert len(list(csv.DictReader((out / "runs.csv").open()))) == 6
+    paired = list(csv.DictReader((out / "paired.csv").open()))
+    assert {p["method"] for p in paired} == {"DSPH"} and {p["reference"] for p in paired} == {"DCMHT"}
+    acc = next(p for p in paired if p["figure"] == "acc_i2t")
+    assert float(acc["difference"]) == pytest.approx(0.0, abs=1e-9) and acc["seeds"] == "3"
+    md = (out / "comparison.md").read_text()
+    assert "0.6200 ± 0.0100" in md and "Paired differences to DCMHT" in md
+
+
+def test_seed_statistics_against_hand_values():
+    from runners.seed_stats import paired_difference, spread
+
+    s = spread([0.5, 0.7, None, 0.9])
+    assert (s.mean, s.n) == (pytest.approx(0.7), 3) and s.std == pytest.approx(0.2)
+    assert spread([0.3]).std is None and spread([]).mean is None
+    d = paired_difference({1: 0.6, 2: 0.7, 3: 0.8, 4: 0.5}, {1: 0.5, 2: 0.5, 3: 0.6})
+    # differences 0.1, 0.2, 0.2 (seed 4 unpaired): mean 0.1667, sd 0.0577, t(0.975, 2) = 4.3027
+    assert d.n == 3 and d.mean == pytest.approx(1 / 6)
+    half = 4.302652729911275 * (0.05773502691896258 / 3 ** 0.5)
+    assert (d.low, d.high) == (pytest.approx(1 / 6 - half), pytest.approx(1 / 6 + half))
+    assert d.significant
+    assert not paired_difference({1: 0.5, 2: 0.7}, {1: 0.6, 2: 0.6}).significant
+
+
+def test_bad_seed_and_reference_arguments(tmp_path, no_training, capsys):
+    out = tmp_path / "cmp"
+    assert main.main(["compare", "--config-file", DSPH, "--output-dir", str(out), "--seeds", "1", "1"]) == 2
+    assert "--seeds: each seed once" in capsys.readouterr().err
+    assert main.main(["compare", "--config-file", DSPH, "--output-dir", str(out), "--reference", "nope"]) == 2
+    assert "--reference 'nope': not one of the compared configs" in capsys.readouterr().err
+    assert main.main(["compare", "--config-file", DSPH, "--output-dir", str(out), "--jobs", "0"]) == 2
+
+
+def test_parallel_jobs_give_the_serial_numbers_in_any_order(tmp_path):
+    """Real (tiny) runs: --jobs 2 equals --jobs 1, and the config order changes nothing."""
+    from conftest import tiny_config
+    from runners.config import dump_config
+
+    files = []
+    for name in ("DSPH", "DCMHT"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(dump_config(tiny_config(name, epochs=1)))
+        files.append(str(path))
+    maps = {}
+    for tag, order, jobs in (("serial", files, 1), ("parallel", files[::-1], 2)):
+        args = args_for(order, tmp_path / tag, reuse=False)
+        args.jobs, args.seeds = jobs, [1, 2]
+        assert run_compare(args) == 0
+        for run in csv.DictReader((tmp_path / tag / "runs.csv").open()):
+            maps[(tag, run["method"], run["seed"])] = json.loads(
+                (Path(run["run_dir"]) / "results.json").read_text())["map"]
+    for (tag, method, seed), m in maps.items():
+        assert m == maps[("serial", method, seed)], (tag, method, seed)
+    assert len(maps) == 8

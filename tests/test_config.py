@@ -4,10 +4,12 @@ from pathlib import Path
 import pytest
 
 import main  # noqa: F401  (fills the registries)
-from utils.config import apply_overrides, load_config, parse_override, validate_config
+from runners.config import load_config, validate_config
+from utils.config import apply_overrides, parse_override
 from utils.errors import ConfigError
 
-DEMO = Path("configs/DSPH/demo.yaml")
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "configs/DSPH/demo.yaml"
 
 
 def test_demo_config_loads_and_coerces():
@@ -76,7 +78,101 @@ def test_validate_is_idempotent():
     assert again == cfg
 
 
-@pytest.mark.parametrize("path", sorted(Path("configs").glob("*/*.yaml")), ids=str)
+SHIPPED = sorted((REPO / "configs").glob("*/*.yaml"))
+
+
+def test_configs_are_found_from_any_working_directory():
+    assert len(SHIPPED) >= 30
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_is_valid(path):
     cfg = load_config(path)
     assert path.parent.name == cfg["model"]["name"]  # configs/<METHOD>/... holds that method
+
+
+def test_base_inheritance_merges_blocks_and_replaces_another_class(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "dataset: {name: demo, root: data/demo}\nmodel: {name: DSPH, bits: 16, dropout: 0.1}\n"
+        "optimizer: {name: adamw, lr: 1.0e-3}\nrunner: {name: continual, epochs: 3}\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\nmodel: {bits: 32}\nrunner: {epochs: 5}\n")
+    (tmp_path / "other.yaml").write_text("_base_: child.yaml\noptimizer: {name: sgd, momentum: 0.9}\n")
+    child = load_config(tmp_path / "child.yaml")
+    assert child["model"] == {"name": "DSPH", "bits": 32, "dropout": 0.1}
+    assert child["runner"]["epochs"] == 5 and child["dataset"]["root"] == "data/demo"
+    other = load_config(tmp_path / "other.yaml")
+    assert other["optimizer"] == {"name": "sgd", "momentum": 0.9}  # another class: adamw's lr is not inherited
+    assert other["model"]["bits"] == 32
+
+
+def test_base_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("_base_: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: _base_: .*missing.yaml: base config not found"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("_base_: [1, 2]\n")
+    with pytest.raises(ConfigError, match="expected a file name or a list"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_benchmark_configs_inherit_the_authors_defaults():
+    coco, nus = load_config(REPO / "configs/CASH/coco.yaml"), load_config(REPO / "configs/CASH/nuswide_imbalanced.yaml")
+    assert nus["dataset"] == {**coco["dataset"], "root": "data/nuswide_imbalanced", "scheme": "nuswide"}
+    assert {k: v for k, v in nus.items() if k != "dataset"} == {k: v for k, v in coco.items() if k != "dataset"}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("scheduler.name=adamw", "scheduler.name: unknown scheduler 'adamw'"),
+        ("optimizer.name=exponential", "optimizer.name: unknown optimizer 'exponential'"),
+        ("optimizer.lr=-0.1", "optimizer (adamw): lr must be a finite number >= 0, got -0.1"),
+        ("optimizer.impl=turbo", "optimizer.impl: expected one of 'auto', 'fused', 'foreach', 'single'"),
+        ("runner.num_threads=-1", "runner.num_threads must be a positive integer"),
+    ],
+)
+def test_scheduler_optimizer_and_runner_values(override, message, tmp_path):
+    from runners.experiment import run_config
+
+    with pytest.raises(ConfigError) as err:
+        cfg = load_config(DEMO, [override])
+        run_config(cfg, tmp_path / "run", quiet=True)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_models_own_optimiser_block_is_validated():
+    import torch
+
+    from runners.optim import build_optimizers
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    groups = [{"params": [p]}, {"params": [torch.nn.Parameter(torch.zeros(2))], "optimizer": {"name": "sgd", "momentun": 0.9}}]
+    with pytest.raises(ConfigError, match=r"model.param_groups\[1\].optimizer.momentun: unknown key \(did you mean 'momentum'\?\)"):
+        build_optimizers(groups, {"name": "adamw", "lr": 1e-3})
+    groups[1]["optimizer"] = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
+    opts, _ = build_optimizers(groups, {"name": "adamw", "lr": 1e-3})
+    assert [type(o).__name__ for o in opts] == ["AdamW", "SGD"] and opts[1].param_groups[0]["momentum"] == 0.9
+
+
+def test_optimiser_kernels_agree():
+    """fused / foreach / single AdamW: foreach is bit-identical to single, fused within float32 rounding."""
+    import torch
+
+    from runners.optim import adamw
+
+    def run(impl):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(64, 32))
+        opt = adamw([{"params": [w]}], lr=1e-2, impl=impl)
+        for step in range(5):
+            w.grad = torch.sin(w.detach() * (step + 1))
+            opt.step()
+        return w.detach()
+
+    single = run("single")
+    assert torch.equal(run("foreach"), single)
+    torch.testing.assert_close(run("fused"), single, atol=1e-6, rtol=0)

@@ -253,7 +253,7 @@ def test_registered_kwargs_are_annotated(name):
 
 
 def test_config_layer_checks_dataset_kwargs():
-    config = pytest.importorskip("utils.config")
+    from utils import config
     from utils.errors import ConfigError
     assert config.check_kwargs(TaskMatDataset, {"root": "x", "val_fraction": "1e-1"}, "dataset")["val_fraction"] == 0.1
     with pytest.raises(ConfigError, match="dataset.num_tasks"):

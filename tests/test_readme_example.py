@@ -30,8 +30,8 @@ def test_readme_method_example_trains(tmp_path):
         cfg["runner"]["epochs"] = 0
         untrained = run_config(cfg, {str(tmp_path / "untrained")!r}, quiet=True)
         for d in ("i2t", "t2i"):
-            print(d, trained["summary"][d]["acc"], untrained["summary"][d]["acc"])
-            assert trained["summary"][d]["acc"] > untrained["summary"][d]["acc"] + 0.15
+            print(d, trained.figure(d, "acc"), untrained.figure(d, "acc"))
+            assert trained.figure(d, "acc") > untrained.figure(d, "acc") + 0.15
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

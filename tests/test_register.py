@@ -40,10 +40,12 @@ def test_duplicate_is_an_error():
 
 def test_import_main_fills_every_registry_and_runs_nothing(capsys):
     import main  # noqa: F401
-    from common.register import DATASETS, MODELS, OPTIMIZERS, RUNNERS
+    from common.register import DATASETS, MODELS, OPTIMIZERS, RUNNERS, SCHEDULERS
 
     assert "DSPH" in MODELS
     assert "continual" in RUNNERS
-    assert {"adamw", "sgd", "warmup_cosine", "exponential"} <= set(OPTIMIZERS.names())
+    assert {"adamw", "adam", "sgd"} <= set(OPTIMIZERS.names())
+    assert {"constant", "warmup_cosine", "exponential"} <= set(SCHEDULERS.names())
+    assert not set(OPTIMIZERS.names()) & set(SCHEDULERS.names())
     assert {"demo", "synthetic", "task_mat"} <= set(DATASETS.names())
     assert capsys.readouterr().out == ""

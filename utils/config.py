@@ -1,8 +1,8 @@
-"""Config files: YAML blocks ``{name: <registered name>, **kwargs}`` plus ``--set`` overrides.
+"""Config files as data: YAML reading with ``_base_`` inheritance, ``--set`` overrides, and
+checking keyword arguments against a callable's signature.
 
-Every block is checked against the signature of the class it names before anything
-runs: an unknown key, a missing required key or a value of the wrong type is refused
-with the key's dotted path and what was expected.
+Nothing here knows the registries; ``runners/config.py`` uses these pieces to validate
+and build every ``{name: ..., **kwargs}`` block of a config.
 """
 from __future__ import annotations
 
@@ -16,25 +16,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import yaml
 
-from common.register import DATASETS, MODELS, OPTIMIZERS, RUNNERS, Registry, RegistryError
 from utils.errors import ConfigError
 
-# The blocks a config may hold, the registry each names, and whether it is required.
-BLOCKS: Dict[str, Tuple[Registry, bool]] = {
-    "dataset": (DATASETS, True),
-    "model": (MODELS, True),
-    "optimizer": (OPTIMIZERS, True),
-    "scheduler": (OPTIMIZERS, False),
-    "runner": (RUNNERS, True),
-}
-# Constructor arguments the library fills in itself; a config may not set them.
-INJECTED: Dict[str, Tuple[str, ...]] = {
-    "dataset": (),
-    "model": ("image_dim", "text_dim", "num_classes"),
-    "optimizer": ("params",),
-    "scheduler": ("optimizer", "total_steps", "steps_per_epoch"),
-    "runner": (),
-}
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -89,13 +72,6 @@ def apply_overrides(cfg: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, 
             node = nxt
         node[parts[-1]] = value
     return out
-
-
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    """Read, override and validate a config; returns the resolved dict."""
-    cfg = apply_overrides(load_yaml(path), overrides)
-    validate_config(cfg, source=str(path))
-    return cfg
 
 
 # ---------------------------------------------------------------------- validation
@@ -211,56 +187,51 @@ def check_kwargs(target: Callable, kwargs: Mapping[str, Any], path: str, skip: S
     return out
 
 
-def block_target(block: str, spec: Any, source: str) -> Tuple[Callable, Dict[str, Any]]:
-    """The registered callable and its kwargs for one config block."""
-    registry, _ = BLOCKS[block]
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{source}: {block}: expected a block with a 'name' key, got {type(spec).__name__}")
-    if "name" not in spec:
-        raise ConfigError(f"{source}: {block}.name: required key missing (one of: {', '.join(registry.names())})")
-    try:
-        target = registry.get(spec["name"])
-    except RegistryError as exc:
-        raise ConfigError(f"{source}: {block}.name: {exc}") from None
-    kwargs = {k: v for k, v in spec.items() if k != "name"}
-    return target, kwargs
 
 
-def validate_config(cfg: Dict[str, Any], source: str = "config") -> None:
-    """Check every block; coerces values in place (e.g. ``1e-5`` -> float)."""
-    for key in cfg:
-        if key not in BLOCKS:
-            close = difflib.get_close_matches(str(key), list(BLOCKS), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: {key}: unknown block{hint}; known: {', '.join(BLOCKS)}")
-    for block, (registry, required) in BLOCKS.items():
-        if block not in cfg or cfg[block] is None:
-            if required:
-                raise ConfigError(f"{source}: {block}: required block missing (a mapping with 'name' and its keys)")
-            cfg.pop(block, None)
-            continue
-        target, kwargs = block_target(block, cfg[block], source)
-        try:
-            coerced = check_kwargs(target, kwargs, block, skip=INJECTED[block])
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-        cfg[block] = {"name": cfg[block]["name"], **coerced}
+# ---------------------------------------------------------------------- inheritance
+BASE_KEY = "_base_"
 
 
-def build(block: str, cfg: Dict[str, Any], **injected: Any) -> Any:
-    """Instantiate the registered class of ``cfg[block]`` with its kwargs plus ``injected``.
+def load_yaml_tree(path: str | Path, _seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
+    """``load_yaml`` plus inheritance: a file may name ``_base_: other.yaml`` (or a list,
+    paths relative to the file); bases are merged in order, then the file over them.
 
-    A ``ValueError`` raised by the constructor (a value out of range) becomes a
-    ConfigError naming the block.
+    Merging is by key, recursively, except that a block whose ``name`` differs from the
+    base block's replaces it whole (another class, other keys). A base that includes
+    itself is refused.
     """
-    target, kwargs = block_target(block, cfg[block], "config")
-    try:
-        return target(**injected, **kwargs)
-    except ValueError as exc:
-        raise ConfigError(f"{block} ({cfg[block]['name']}): {exc}") from None
+    path = Path(path)
+    here = path.resolve()
+    if here in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, here))
+        raise ConfigError(f"{path}: {BASE_KEY} includes itself ({chain})")
+    data = load_yaml(path)
+    bases = data.pop(BASE_KEY, None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: {BASE_KEY}: expected a file name or a list of file names, got {bases!r}")
+    merged: Dict[str, Any] = {}
+    for base in bases:
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: {BASE_KEY}: {base_path}: base config not found")
+        merged = merge_blocks(merged, load_yaml_tree(base_path, (*_seen, here)))
+    return merge_blocks(merged, data)
 
 
-def dump_config(cfg: Dict[str, Any]) -> str:
-    """The resolved config as YAML text, blocks in their canonical order."""
-    ordered = {k: cfg[k] for k in BLOCKS if k in cfg}
-    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=False)
+def merge_blocks(base: Dict[str, Any], child: Dict[str, Any]) -> Dict[str, Any]:
+    """``child`` over ``base`` (see ``load_yaml_tree``); neither input is modified."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        old = out.get(key)
+        same_class = not (isinstance(old, dict) and isinstance(value, dict)
+                          and "name" in value and old.get("name", value["name"]) != value["name"])
+        if isinstance(old, dict) and isinstance(value, dict) and same_class:
+            out[key] = merge_blocks(old, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

@@ -1,0 +1,149 @@
+"""The HashModel contract, checked for every registered model with the settings of its
+``configs/<NAME>/demo.yaml``: a new method is covered here without new test code.
+
+Each model is trained for a few steps through the runner's own ``train_epoch`` on a
+tiny two-task synthetic stream, then checked: codes of a sample never depend on its
+batch-mates or on the other modality, every trainable parameter gets a gradient and
+an optimiser, ``structure`` / ``build_structure`` rebuild a checkpoint exactly, the
+same seed gives the same codes and another seed other codes, and a run interrupted in
+its second task and resumed ends with the numbers of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from common.code_store import CodeStore
+from common.register import MODELS
+from conftest import build_model, tiny_config
+from runners import continual
+from runners.continual import ContinualRunner, OptimSpec
+from runners.evaluation import encode_codes
+from runners.experiment import run_config
+
+NAMES = MODELS.names()
+
+
+def trained(name: str, stream, seed: int = 0, tasks: int = 1, epochs: int = 2):
+    """Model ``name`` trained ``epochs`` epochs on each of the first ``tasks`` tasks, as the
+    runner trains (hooks, optimisers of the model's groups, seeded batches)."""
+    cfg = tiny_config(name)
+    runner = ContinualRunner(batch_size=16, seed=seed, epochs=epochs, progress=False, tensorboard=False)
+    optim = OptimSpec(cfg["optimizer"], cfg.get("scheduler"))
+    model = build_model(name, stream, seed)
+    store = CodeStore()
+    for t in range(tasks):
+        task = stream.tasks[t]
+        torch.manual_seed(seed + t)
+        model.begin_task(task, t)
+        opt = runner.task_optim(model, t, len(task.train), optim)
+        gen = torch.Generator().manual_seed(seed + t)
+        for epoch in range(epochs):
+            record = runner.train_epoch(model, task, t, epoch, opt, gen)
+            assert all(torch.isfinite(torch.tensor(v)) for v in record.values()), record
+        codes = encode_codes(model, task.database, t)
+        store.add(t, codes["image"], codes["text"], task.database.labels)
+        model.end_task(task, t, store)
+    model.eval()
+    return model
+
+
+def encoded(model, fs, task_index=0):
+    with torch.no_grad():
+        return {"image": model.encode_image(fs.image, task_index, fs.image_layers),
+                "text": model.encode_text(fs.text, task_index, fs.text_layers)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_codes_are_batch_independent_and_need_one_modality(name, tiny_stream):
+    model = trained(name, tiny_stream)
+    fs = tiny_stream.tasks[0].query
+    full = encoded(model, fs)
+    for modality, encode in (("image", model.encode_image), ("text", model.encode_text)):
+        data, layers = getattr(fs, modality), getattr(fs, f"{modality}_layers")
+        assert full[modality].shape == (len(fs), model.bits)
+        with torch.no_grad():
+            for i in (0, len(fs) // 2, len(fs) - 1):   # alone, with no other sample and no other modality
+                alone = encode(data[i:i + 1], 0, None if layers is None else layers[i:i + 1])
+                torch.testing.assert_close(alone[0], full[modality][i], atol=1e-5, rtol=0)
+            rev = encode(data.flip(0), 0, None if layers is None else layers.flip(0))
+        torch.testing.assert_close(rev.flip(0), full[modality], atol=1e-5, rtol=0)
+        # task-agnostic encoding obeys the same rule
+        with torch.no_grad():
+            agn = encode(data, None, layers)
+            one = encode(data[:1], None, None if layers is None else layers[:1])
+        torch.testing.assert_close(one[0], agn[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_trainable_parameter_has_an_optimiser_and_a_gradient(name, tiny_stream):
+    task = tiny_stream.tasks[0]
+    model = build_model(name, tiny_stream)
+    torch.manual_seed(0)
+    model.begin_task(task, 0)
+    model.begin_epoch(task, 0, 0)
+    model.train()
+    grouped = {id(p) for g in model.param_groups(0) for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
+    assert not missing, f"parameters given to no optimiser: {missing}"
+    model.zero_grad()
+    losses = model(ContinualRunner.batch(task.train, torch.arange(16)), 0)
+    assert "loss" in losses and all(v.dim() == 0 for v in losses.values())
+    if not any(p.requires_grad for p in model.parameters()):
+        pytest.skip(f"{name} has no trainable parameters (a closed-form model)")
+    losses["loss"].backward()
+    dead = [n for n, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
+    assert not dead, f"trainable parameters without a gradient: {dead}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_structure_round_trip_rebuilds_the_model_exactly(name, tiny_stream):
+    model = trained(name, tiny_stream, tasks=2, epochs=1)
+    again = build_model(name, tiny_stream, seed=99)
+    again.build_structure(json.loads(json.dumps(model.structure())))   # structure is JSON-able
+    again.load_state_dict(model.state_dict())                           # strict: same shapes, same keys
+    again.eval()
+    assert again.bits == model.bits
+    for t in (0, 1, None):
+        a, b = encoded(model, tiny_stream.tasks[1].query, t), encoded(again, tiny_stream.tasks[1].query, t)
+        for m in a:
+            assert torch.equal(a[m], b[m]), (m, t)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_same_codes_other_seed_other_codes(name, tiny_stream):
+    fs = tiny_stream.tasks[0].query
+    a = encoded(trained(name, tiny_stream, seed=3), fs)
+    b = encoded(trained(name, tiny_stream, seed=3), fs)
+    c = encoded(trained(name, tiny_stream, seed=4), fs)
+    for m in a:
+        assert torch.equal(a[m], b[m]), m
+    assert any(not torch.equal(a[m], c[m]) for m in a)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_after_interruption_equals_uninterrupted(name, tmp_path, monkeypatch):
+    whole = run_config(tiny_config(name), tmp_path / "whole", quiet=True)
+    real = continual.ContinualRunner._evaluate_after
+    raised = []
+
+    def interrupt_in_task_2(self, model, tasks, t, *args):
+        if t == 1 and not raised:
+            raised.append(t)
+            raise KeyboardInterrupt
+        return real(self, model, tasks, t, *args)
+
+    monkeypatch.setattr(continual.ContinualRunner, "_evaluate_after", interrupt_in_task_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_config(tiny_config(name), tmp_path / "resumed", quiet=True)
+    resumed = run_config(tiny_config(name), tmp_path / "resumed", resume=True, quiet=True)
+    assert raised and resumed.completed_tasks == 2
+    assert resumed.map == whole.map
+    assert resumed.task_agnostic == whole.task_agnostic
+    assert resumed.summary == whole.summary
+    a, b = CodeStore.load(tmp_path / "whole" / "codes.npz"), CodeStore.load(tmp_path / "resumed" / "codes.npz")
+    for t in a.tasks():
+        assert torch.equal(a.get(t).codes("image"), b.get(t).codes("image"))
