@@ -30,7 +30,8 @@ from common.calc_utils import (
     continual_summary,
     hamming_distance,
 )
-import common.calc_utils as cu
+from common.metrics import cpu, dispatch, numba_engine
+from common.metrics.queries import AveragePrecision, DistanceCounts, RelevantInTop
 from utils.errors import DataError
 
 TOL = 1e-12
@@ -401,10 +402,10 @@ def test_torch_backend_segments_equal_numpy():
 
 def test_numpy1_popcount_fallback(monkeypatch):
     x = np.random.default_rng(0).integers(0, 2**63, size=(5, 7), dtype=np.uint64) * np.uint64(3)
-    np.testing.assert_array_equal(cu._popcount_lut(x), np.bitwise_count(x))
+    np.testing.assert_array_equal(cpu.popcount_lut(x), np.bitwise_count(x))
     qc, dc, ql, dl = _random_case(2, bits=70)
     expected = calc_map_k(qc, dc, ql, dl, backend="numpy")
-    monkeypatch.setattr(cu, "_bitcount", cu._popcount_lut)
+    monkeypatch.setattr(cpu, "bitcount", cpu.popcount_lut)
     assert calc_map_k(qc, dc, ql, dl, backend="numpy") == expected
     assert hamming_distance(qc, dc).tolist() == [[int((a != b).sum()) for b in dc] for a in qc]
 
@@ -413,7 +414,7 @@ def test_numpy1_popcount_fallback(monkeypatch):
 def test_deterministic_across_threads_and_blocks(backend, monkeypatch):
     """Bit-identical results for 1, 2, 3 threads and any block size (threads really used:
     the small-input threshold is lifted)."""
-    monkeypatch.setattr(cu, "_THREADS_MIN_PAIRS", 0)
+    monkeypatch.setattr(cpu, "THREADS_MIN_PAIRS", 0)
     qc, dc, ql, dl = _random_case(8, Q=40, N=300, bits=16, classes=6)
     for k in (None, 25):
         kw = dict(k=k, backend=backend)
@@ -510,11 +511,11 @@ def test_auto_falls_back_to_numpy_without_numba(monkeypatch):
     def numba_path(*args, **kwargs):
         raise AssertionError("the numba path ran")
 
-    monkeypatch.setattr(cu, "_numba_run", numba_path)
-    monkeypatch.setattr(cu, "_USE_NUMBA", False)  # the availability flag
+    monkeypatch.setattr(numba_engine, "run", numba_path)
+    monkeypatch.setattr(dispatch, "USE_NUMBA", False)  # the availability flag
     assert abs(calc_map_k(qc, dc, ql, dl) - float(exact)) <= TOL
-    monkeypatch.setattr(cu, "_USE_NUMBA", True)
-    monkeypatch.setattr(cu, "_numba_engine", lambda: None)  # numba not importable
+    monkeypatch.setattr(dispatch, "USE_NUMBA", True)
+    monkeypatch.setattr(numba_engine, "engine", lambda: None)  # numba not importable
     assert abs(calc_map_k(qc, dc, ql, dl, k=5) - float(exact5)) <= TOL
     with pytest.raises(MetricInputError, match="numba is not installed"):
         calc_map_k(qc, dc, ql, dl, backend="numba")
@@ -527,9 +528,9 @@ def test_auto_runs_numba_and_restores_its_settings(monkeypatch):
     import numba
 
     calls = []
-    real = cu._numba_run
-    monkeypatch.setattr(cu, "_numba_run", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
-    monkeypatch.setattr(cu, "_THREADS_MIN_PAIRS", 0)
+    real = numba_engine.run
+    monkeypatch.setattr(numba_engine, "run", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    monkeypatch.setattr(cpu, "THREADS_MIN_PAIRS", 0)
     qc, dc, ql, dl = _random_case(4, Q=20, N=100)
     before = numba.get_num_threads()
     ref = calc_map_k(qc, dc, ql, dl, num_threads=1)
@@ -538,8 +539,8 @@ def test_auto_runs_numba_and_restores_its_settings(monkeypatch):
     calc_precision_at_n(qc, dc, ql, dl, ns=[5])
     calc_pr_curve(qc, dc, ql, dl)
     assert numba.get_num_threads() == before
-    assert calls == ["ap_all", "ap_all", "ap_all", "topn", "hist"]
-    signatures = cu._numba_engine().kernel.signatures
+    assert calls == [AveragePrecision()] * 3 + [RelevantInTop((5,)), DistanceCounts()]
+    signatures = numba_engine.engine().kernel.signatures
     assert len(signatures) == len({sig[6] for sig in signatures})  # one per key dtype
 
 
@@ -550,7 +551,8 @@ def test_kernel_logic_as_plain_python_equals_brute_force(monkeypatch):
         config=types.SimpleNamespace(NUMBA_NUM_THREADS=1), get_num_threads=lambda: 1,
         set_num_threads=lambda n: None, parallel_chunksize=lambda n: contextlib.nullcontext(),
     )
-    monkeypatch.setattr(cu, "_numba_engine", lambda: cu._NumbaEngine(fake, cu._nb_rank_kernel, threading.Lock()))
+    monkeypatch.setattr(numba_engine, "engine",
+                        lambda: numba_engine.Engine(fake, numba_engine.rank_kernel, threading.Lock()))
     rng = np.random.default_rng(13)
     qc = rng.choice([-1, 1], size=(5, 70))
     segs = [(rng.choice([-1, 1], size=(14, 70)), (rng.random((14, 3)) < 0.4).astype(int)),
