@@ -8,6 +8,7 @@ The references sort every query's database with a plain Python sort on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import itertools
 import math
@@ -32,6 +33,7 @@ from common.calc_utils import (
 )
 from common.metrics import cpu, dispatch, numba_engine
 from common.metrics.queries import AveragePrecision, DistanceCounts, RelevantInTop
+from common.metrics.validation import prepare
 from utils.errors import DataError
 
 TOL = 1e-12
@@ -313,6 +315,58 @@ def test_segments_average_ties_equal_enumeration(backend):
         exact = ref_average(qc, segs, ql, k=k)
         got = calc_map_k(qc, [c for c, _ in segs], ql, [lab for _, lab in segs], k=k, ties="average", backend=backend)
         assert abs(got - float(exact)) <= 1e-10
+
+
+# ----------------------------------------------------------------------------- typed queries
+def test_query_descriptions_validate_and_normalise():
+    assert AveragePrecision(np.int64(5)).k == 5 and type(AveragePrecision(np.int64(5)).k) is int
+    assert AveragePrecision() == AveragePrecision(None)
+    for bad in (0, -1, True, 2.5, "3"):
+        with pytest.raises(MetricInputError, match="k: expected a positive integer or None"):
+            AveragePrecision(bad)
+    assert AveragePrecision(None).cutoff(10) is None
+    assert AveragePrecision(10).cutoff(10) is None and AveragePrecision(11).cutoff(10) is None
+    assert AveragePrecision(9).cutoff(10) == 9
+    q = RelevantInTop([10, np.int64(3)])
+    assert q.ns == (10, 3) and q == RelevantInTop((10, 3)) and hash(q) == hash(RelevantInTop((10, 3)))
+    assert RelevantInTop(7).ns == (7,)
+    for bad, msg in (([], "at least one N"), ([5, 0], "positive integer"), (None, "list of positive")):
+        with pytest.raises(MetricInputError, match=msg):
+            RelevantInTop(bad)
+    assert DistanceCounts() == DistanceCounts()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        AveragePrecision(3).k = 4
+
+
+ALL_BACKENDS = CPU_BACKENDS + ["torch"]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_per_query_results_equal_brute_force(backend):
+    """dispatch.per_query, per query and on segments: AP@k, top-n counts and distance
+    counts from every engine equal the exact references (duplicate queries included)."""
+    qc, dc, ql, dl = _random_case(11, Q=9, N=40, bits=12)
+    segs = [(dc[:25], dl[:25]), (dc[25:, :7], dl[25:])]
+    inp = prepare(qc, [c for c, _ in segs], ql, [lab for _, lab in segs])
+    rankings = [sorted(items, key=lambda t: (t[0], t[1])) for items in _ref_rankings(qc, segs, ql)]
+    for k in (None, 1, 6, 40, 99):
+        got = dispatch.per_query(inp, AveragePrecision(k), backend, None, None)
+        _, aps = ref_map(qc, segs, ql, k)
+        assert got.shape == (9,) and got.dtype == np.float64
+        np.testing.assert_allclose(got, [float(a) for a in aps], rtol=0, atol=TOL)
+    ns = (30, 1, 7, 500)
+    got = dispatch.per_query(inp, RelevantInTop(ns), backend, 2, None)
+    assert got.shape == (9, len(ns)) and got.dtype == np.float64
+    assert got.tolist() == [[sum(rel for _, _, rel in r[:n]) for n in ns] for r in rankings]
+    hist = dispatch.per_query(inp, DistanceCounts(), backend, None, None)
+    assert hist.shape == (9, 2, 13) and hist.dtype == np.int64
+    expected = np.zeros((9, 2, 13), dtype=np.int64)
+    for i, r in enumerate(rankings):
+        for dist, _, rel in r:
+            expected[i, int(rel), dist] += 1
+    np.testing.assert_array_equal(hist, expected)
+    with pytest.raises(TypeError, match="query: expected AveragePrecision"):
+        dispatch.per_query(inp, "topn", backend, None, None)
 
 
 # ----------------------------------------------------------------------------- validation
