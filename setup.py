@@ -27,7 +27,7 @@ setup(
         "matplotlib>=3.7",
         "pillow>=9.0",
         "faiss-cpu>=1.7.4",
-        "numba>=0.60",  # the sort-free mAP kernel of common/calc_utils.py (NumPy fallback without it)
+        "numba>=0.60",  # the sort-free mAP kernel of common/metrics/numba_engine.py (NumPy fallback without it)
     ],
     extras_require={"dev": ["pytest>=7.0"]},
     entry_points={"console_scripts": ["ccmh=main:main"]},

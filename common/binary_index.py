@@ -163,13 +163,13 @@ def resolve_params(kind: str, n: int, bits: int, given: Optional[Dict[str, Any]]
         if value is None:
             continue
         if key not in allowed:
-            raise UserError(f"--{key.replace('_', '-')}: not a parameter of a {kind} index "
+            raise UserError(f"{key}: not a parameter of a {kind} index "
                             f"(its parameters: {', '.join(allowed) or 'none'})")
         params[key] = int(value)
     for key, value in params.items():
         low = 0 if key == "nflip" else 1
         if value < low:
-            raise UserError(f"--{key.replace('_', '-')}: must be >= {low}, got {value}")
+            raise UserError(f"{key}: must be >= {low}, got {value}")
     if kind in ("hash", "multihash"):
         params["hash_bits"] = min(params["hash_bits"], bits, 64)
         if kind == "multihash" and (given or {}).get("nhash") is None:
@@ -315,7 +315,7 @@ class BinaryIndex:
         allowed = SEARCH_PARAMS[self.kind]
         for key, value in params.items():
             if value is not None and key not in allowed:
-                raise UserError(f"--{key.replace('_', '-')}: not a search parameter of a {self.kind} index "
+                raise UserError(f"{key}: not a search parameter of a {self.kind} index "
                                 f"(its search parameters: {', '.join(allowed) or 'none'})")
         for shard in self.shards:
             set_search_params(shard.index, self.kind, params)
@@ -327,7 +327,7 @@ class BinaryIndex:
         than k for the hashed kinds). ``stable_ties`` (flat only): equal distances in
         task / position order, exactly as the evaluation ranks them."""
         if k < 1:
-            raise UserError(f"--k: must be >= 1, got {k}")
+            raise UserError(f"k: must be a positive integer, got {k}")
         if stable_ties and self.kind != "flat":
             raise UserError(f"stable tie order needs an exact (flat) index; this one is {self.kind}")
         q_all = queries.detach().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries)
@@ -386,12 +386,12 @@ class IndexFolder:
     def for_query(self, query_modality: str) -> BinaryIndex:
         """The index a query of ``query_modality`` searches (the other modality's codes)."""
         if query_modality not in MODALITIES:
-            raise UserError(f"--query-modality: expected image or text, got {query_modality!r}")
+            raise UserError(f"query_modality: expected image or text, got {query_modality!r}")
         stored = "image" if query_modality == "text" else "text"
         if stored not in self.indexes:
             raise DataError(
                 f"{self.path}: holds {', '.join(sorted(self.indexes))} codes only; a {query_modality} query needs "
-                f"the {stored} codes (rebuild with --modalities image text)"
+                f"the {stored} codes (rebuild the index with both modalities)"
             )
         return self.indexes[stored]
 
@@ -422,10 +422,10 @@ def save_index_folder(
         raise ValueError(f"indexes of one folder share a kind, got {sorted(kinds)}")
     first = next(iter(indexes.values()))
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder}: exists and is not a folder; pick another --output")
+        raise UserError(f"{folder}: exists and is not a folder; pick another folder")
     if folder.is_dir() and any(folder.iterdir()):
         if not (folder / MANIFEST).is_file():
-            raise UserError(f"{folder}: folder is not empty and holds no {MANIFEST}; pick another --output")
+            raise UserError(f"{folder}: folder is not empty and holds no {MANIFEST}; pick another folder")
         for old in list(folder.glob("*.index")) + [folder / ID_MAP, folder / MANIFEST]:
             if old.exists():
                 old.unlink()
@@ -477,7 +477,7 @@ def read_manifest(folder: str | Path) -> Dict[str, Any]:
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        raise DataError(f"{folder}: no index there (expected {MANIFEST}); build one with 'python main.py index --run-dir RUN'")
+        raise DataError(f"{folder}: no index there (expected {MANIFEST}, written by save_index_folder or the index command)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

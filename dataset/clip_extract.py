@@ -50,8 +50,8 @@ CAPTION_POLICIES = ("mean", "first")
 HUB_HINT = (
     "this library never downloads weights: download the checkpoint file once (for example "
     "open_clip_pytorch_model.bin from the model's Hugging Face page, or OpenAI's ViT-B-32.pt) and pass "
-    "--pretrained /path/to/file, or --pretrained local-dir:/folder for a folder holding open_clip_config.json "
-    "and the weights; --pretrained none gives random weights for testing"
+    "pretrained=/path/to/file, or pretrained=local-dir:/folder for a folder holding open_clip_config.json "
+    "and the weights; pretrained=none gives random weights for testing"
 )
 
 
@@ -110,18 +110,18 @@ def resolve_weights(spec: ModelSpec) -> Dict[str, Any]:
     import open_clip
 
     if spec.model.startswith("hf-hub:"):
-        raise UserError(f"--model {spec.model!r} names a Hugging Face Hub model; {HUB_HINT}")
+        raise UserError(f"model {spec.model!r} names a Hugging Face Hub model; {HUB_HINT}")
     pre = (spec.pretrained or "").strip()
     if not pre:
-        raise UserError(f"--pretrained is required; {HUB_HINT}")
+        raise UserError(f"pretrained: required; {HUB_HINT}")
     if pre.lower() == "none":
         return {"kind": "none", "model_name": spec.model, "weights": None, "config_json": spec.model_config}
     if pre.startswith("hf-hub:"):
-        raise UserError(f"--pretrained {pre!r} is a Hugging Face Hub name; {HUB_HINT}")
+        raise UserError(f"pretrained {pre!r} is a Hugging Face Hub name; {HUB_HINT}")
     if pre.startswith("local-dir:") or spec.model.startswith("local-dir:"):
         folder = Path((pre if pre.startswith("local-dir:") else spec.model)[len("local-dir:"):]).expanduser()
         if not folder.is_dir():
-            raise DataError(f"--pretrained local-dir:{folder}: folder not found")
+            raise DataError(f"pretrained local-dir:{folder}: folder not found")
         cfg = folder / "open_clip_config.json"
         if not cfg.is_file():
             raise DataError(f"{cfg}: not found; a local-dir: folder needs open_clip_config.json (with 'model_cfg') and weights")
@@ -132,15 +132,15 @@ def resolve_weights(spec: ModelSpec) -> Dict[str, Any]:
     path = Path(pre).expanduser()
     if path.is_file():
         if path.suffix.lower() not in WEIGHT_SUFFIXES:
-            raise DataError(f"--pretrained {path}: expected a {' / '.join(WEIGHT_SUFFIXES)} weights file")
+            raise DataError(f"pretrained {path}: expected a {' / '.join(WEIGHT_SUFFIXES)} weights file")
         kind = "torchscript" if _is_torchscript(path) else "file"
         return {"kind": kind, "model_name": spec.model, "weights": str(path), "config_json": spec.model_config}
     looks_like_path = os.sep in pre or "/" in pre or path.suffix.lower() in WEIGHT_SUFFIXES
     if looks_like_path:
-        raise DataError(f"--pretrained {path}: file not found")
+        raise DataError(f"pretrained {path}: file not found")
     tags = open_clip.list_pretrained_tags_by_model(spec.model) if spec.model in open_clip.list_models() else []
     known = f" (a download tag of {spec.model})" if pre in tags or pre.lower() in tags else ""
-    raise UserError(f"--pretrained {pre!r} is not a local file{known}; {HUB_HINT}")
+    raise UserError(f"pretrained {pre!r} is not a local file{known}; {HUB_HINT}")
 
 
 def register_model_config(path: Optional[str], model: str) -> str:
@@ -156,16 +156,16 @@ def register_model_config(path: Optional[str], model: str) -> str:
 
     p = Path(path).expanduser()
     if not p.is_file():
-        raise DataError(f"--model-config {p}: file not found (expected an open_clip model config JSON)")
+        raise DataError(f"model_config {p}: file not found (expected an open_clip model config JSON)")
     try:
         cfg = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"--model-config {p}: not valid JSON ({exc})") from None
+        raise DataError(f"model_config {p}: not valid JSON ({exc})") from None
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
     if missing:
-        raise DataError(f"--model-config {p}: missing key(s) {', '.join(missing)} (an open_clip model config)")
+        raise DataError(f"model_config {p}: missing key(s) {', '.join(missing)} (an open_clip model config)")
     if model and model != p.stem:
-        raise UserError(f"--model {model!r} differs from the config file's name {p.stem!r}; the file stem is the model name")
+        raise UserError(f"model {model!r} differs from the config file's name {p.stem!r}; the file stem is the model name")
     open_clip.add_model_config(p)
     return p.stem
 
@@ -177,8 +177,8 @@ def model_config_json(model_name: str) -> Dict[str, Any]:
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         raise UserError(
-            f"--model {model_name!r}: unknown open_clip model config; known names include "
-            f"{', '.join(open_clip.list_models()[:8])} ... (or pass --model-config FILE.json)"
+            f"model {model_name!r}: unknown open_clip model config; known names include "
+            f"{', '.join(open_clip.list_models()[:8])} ... (or give a model_config JSON file)"
         )
     return cfg
 
@@ -222,7 +222,7 @@ def load_clip(spec: ModelSpec, device: torch.device) -> LoadedClip:
     if spec.preprocess_tag:
         tag_cfg = open_clip.get_pretrained_cfg(spec.model, spec.preprocess_tag)
         if not tag_cfg:
-            raise UserError(f"--preprocess-tag {spec.preprocess_tag!r}: not a known pretrained tag of {spec.model}")
+            raise UserError(f"preprocess_tag {spec.preprocess_tag!r}: not a known pretrained tag of {spec.model}")
         force_pp.update({k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg})
     if spec.image_resize:
         force_pp["resize_mode"] = spec.image_resize
@@ -268,7 +268,7 @@ def load_clip(spec: ModelSpec, device: torch.device) -> LoadedClip:
 def evenly_spaced(depth: int, count: int) -> List[int]:
     """``count`` block indices spread over ``depth`` blocks, the last block included."""
     if count < 1 or count > depth:
-        raise UserError(f"--layers {count}: expected 1..{depth} (the tower has {depth} blocks)")
+        raise UserError(f"layers {count}: expected 1..{depth} (the tower has {depth} blocks)")
     return [int(round((k + 1) * depth / count)) - 1 for k in range(count)]
 
 
@@ -468,8 +468,8 @@ class ExtractResult:
 
 
 def pick_device(name: str) -> torch.device:
-    """The extraction device: ``utils.seed.resolve_device`` naming the ``--device`` flag."""
-    return resolve_device(name, key="--device")
+    """The extraction device: ``utils.seed.resolve_device`` naming the ``device`` option."""
+    return resolve_device(name, key="device")
 
 
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -480,19 +480,19 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
         return None
     if precision in ("fp16", "bf16"):
         if device.type != "cuda" and precision == "fp16":
-            raise UserError("--precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+            raise UserError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
         return torch.float16 if precision == "fp16" else torch.bfloat16
-    raise UserError(f"--precision: expected auto, fp32, fp16 or bf16, got {precision!r}")
+    raise UserError(f"precision: expected auto, fp32, fp16 or bf16, got {precision!r}")
 
 
 def check_options(opt: ExtractOptions) -> None:
     if opt.caption_policy not in CAPTION_POLICIES:
-        raise UserError(f"--caption-policy: expected one of {', '.join(CAPTION_POLICIES)}, got {opt.caption_policy!r}")
+        raise UserError(f"caption_policy: expected one of {', '.join(CAPTION_POLICIES)}, got {opt.caption_policy!r}")
     for name in ("batch_size", "chunk_size"):
         if getattr(opt, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(opt, name)}")
+            raise UserError(f"{name}: must be >= 1, got {getattr(opt, name)}")
     if opt.workers < 0 or opt.layers < 0:
-        raise UserError("--workers and --layers must be >= 0")
+        raise UserError(f"workers and layers: must be >= 0, got {opt.workers} and {opt.layers}")
 
 
 def extract_features(
@@ -546,7 +546,7 @@ def extract_features(
                 if stored != fingerprint or not complete:
                     raise DataError(
                         f"{output}: already holds features made with other settings "
-                        f"({fingerprint_difference(stored, fingerprint)}); use another --output, or --overwrite to replace it"
+                        f"({fingerprint_difference(stored, fingerprint)}); use another output file, or overwrite to replace it"
                     )
                 up_to_date = done
             else:
@@ -629,7 +629,7 @@ def _open_writer(
         writer.close()
         raise DataError(
             f"{writer.partial}: {writer.done} rows done is not a chunk boundary of {writer.chunk_size}; "
-            "--overwrite to start afresh"
+            "overwrite to start afresh"
         )
     return writer
 

@@ -125,7 +125,7 @@ def read_cache(path: str | os.PathLike, layers: bool = False, captions: bool = F
                 f"{path}: extraction not finished ({part.name} {state}); run the same 'python main.py extract' "
                 "command again to continue it"
             )
-        raise DataError(f"{path}: feature cache not found; make it with 'python main.py extract --source ... --output {path}'")
+        raise DataError(f"{path}: feature cache not found; make it with the extract command (dataset.clip_extract.extract_features)")
     with _open(path, "r") as fh:
         _check_format(fh, path)
         fingerprint = _json_attr(fh, "fingerprint", path)
@@ -149,7 +149,7 @@ def read_cache(path: str | os.PathLike, layers: bool = False, captions: bool = F
             if layers:
                 if "image_layers" not in fh or "text_layers" not in fh:
                     raise DataError(
-                        f"{path}: no per-layer features in this cache; extract with --layers N to store them"
+                        f"{path}: no per-layer features in this cache; extract with layers=N to store them"
                     )
                 image_layers = np.asarray(fh["image_layers"][()], dtype=np.float32)
                 text_layers = np.asarray(fh["text_layers"][()], dtype=np.float32)
@@ -236,13 +236,13 @@ class CacheWriter:
                 if stored != fingerprint:
                     raise DataError(
                         f"{partial}: an unfinished extraction with other settings ({fingerprint_difference(stored, fingerprint)}); "
-                        "use another --output, or --overwrite to start this one afresh"
+                        "use another output file, or overwrite to start this one afresh"
                     )
                 if "chunk_size" not in fh.attrs:
-                    raise DataError(f"{partial}: attribute 'chunk_size' missing; --overwrite to start afresh")
+                    raise DataError(f"{partial}: attribute 'chunk_size' missing; overwrite to start afresh")
                 for name, shape in dims.items():
                     if name not in fh or tuple(fh[name].shape[1:]) != tuple(shape):
-                        raise DataError(f"{partial}: dataset '{name}' missing or of another shape; --overwrite to start afresh")
+                        raise DataError(f"{partial}: dataset '{name}' missing or of another shape; overwrite to start afresh")
             except BaseException:
                 fh.close()
                 raise

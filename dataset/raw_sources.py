@@ -95,9 +95,9 @@ class RawSamples:
         if missing:
             raise DataError(
                 f"{len(missing)} of {len(self.paths)} images not found, first: {missing[0]} (stored as "
-                f"{self.ids[self.paths.index(missing[0])]!r}); point --image-root at your image folder and, "
-                "if the stored paths carry another machine's prefix, set --strip-prefix (default with "
-                "--image-root: the stored paths' common folder)"
+                f"{self.ids[self.paths.index(missing[0])]!r}); point image_root at your image folder and, "
+                "if the stored paths carry another machine's prefix, set strip_prefix (default with "
+                "image_root: the stored paths' common folder)"
             )
 
 
@@ -119,11 +119,11 @@ class PathRewrite:
         norm = [s.replace("\\", "/") for s in stored]
         if self.image_root is None:
             if self.strip_prefix not in (None, "auto"):
-                raise UserError("--strip-prefix needs --image-root (the folder the rest of each path is joined to)")
+                raise UserError("strip_prefix needs image_root (the folder the rest of each path is joined to)")
             return tuple(s if os.path.isabs(s) else str(base_dir / s) for s in norm)
         root = Path(self.image_root).expanduser()
         if not root.is_dir():
-            raise DataError(f"--image-root {root}: folder not found")
+            raise DataError(f"image_root {root}: folder not found")
         prefix = self.strip_prefix
         if prefix in (None, "auto"):
             prefix = common_folder(norm)
@@ -131,7 +131,7 @@ class PathRewrite:
             prefix = prefix.replace("\\", "/")
             bad = next((s for s in norm if not s.startswith(prefix)), None)
             if bad is not None:
-                raise DataError(f"--strip-prefix {prefix!r}: the stored path {bad!r} does not start with it")
+                raise DataError(f"strip_prefix {prefix!r}: the stored path {bad!r} does not start with it")
         return tuple(str(root / s[len(prefix):].lstrip("/")) for s in norm)
 
 
@@ -356,7 +356,7 @@ def annotation_file(source: PathLike) -> Path:
             f"{source}: no index.mat (seed-004) and no .jsonl / .csv annotation file found"
         )
     if len(found) > 1:
-        raise DataError(f"{source}: several annotation files ({', '.join(p.name for p in found)}); pass one as --source")
+        raise DataError(f"{source}: several annotation files ({', '.join(p.name for p in found)}); give one of them as the source")
     return found[0]
 
 
@@ -392,7 +392,7 @@ def read_folder(
     else:
         if any(isinstance(v, int) for lab in label_lists for v in lab):
             raise DataError(
-                f"{ann}: labels given as column indices need a label list: add labels.txt beside it or pass --label-names"
+                f"{ann}: labels given as column indices need a label list: add labels.txt beside it or give label_names"
             )
         names = tuple(sorted({str(v) for lab in label_lists for v in lab}))
         how = "sorted names found"

@@ -190,11 +190,11 @@ def test_bad_input_refused(data):
     index = BinaryIndex.build(store, "image", "flat")
     with pytest.raises(UserError, match="at least as long"):
         index.search(np.ones((1, 14)), 5)  # shorter than the 16-bit codes
-    with pytest.raises(UserError, match="--k"):
+    with pytest.raises(UserError, match="k: must be a positive integer, got 0"):
         index.search(queries, 0)
     with pytest.raises(UserError, match="kind"):
         BinaryIndex.build(store, "image", "lsh")
-    with pytest.raises(UserError, match="--nprobe"):
+    with pytest.raises(UserError, match="nprobe: not a parameter of a hash index"):
         BinaryIndex.build(store, "image", "hash", {"nprobe": 3})
     with pytest.raises(UserError, match="search parameter"):
         index.set_search_params({"nflip": 1})
@@ -369,9 +369,9 @@ def test_search_with_a_caption_an_image_and_a_cache_row(tiny_run, capsys, tmp_pa
         (["search", "--run-dir", "{run}/run", "--query-modality", "text", "--from-dataset", "--task", "3",
           "--row", "0"], "--task 3: out of range"),
         (["search", "--run-dir", "{run}/run", "--query-modality", "text", "--feature-file", "{run}/q.npy",
-          "--row", "0", "--nprobe", "3"], "--nprobe"),
+          "--row", "0", "--nprobe", "3"], "nprobe: not a search parameter of a flat index"),
         (["index", "--run-dir", "{run}/nope"], "run directory not found"),
-        (["index", "--run-dir", "{run}/run", "--kind", "flat", "--nflip", "2", "--output", "{run}/ix2"], "--nflip"),
+        (["index", "--run-dir", "{run}/run", "--kind", "flat", "--nflip", "2", "--output", "{run}/ix2"], "nflip: not a parameter of a flat index"),
         (["index", "--run-dir", "{run}/run", "--after-task", "5"], "task 5"),
     ],
 )

@@ -8,6 +8,7 @@ The references sort every query's database with a plain Python sort on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import itertools
 import math
@@ -30,7 +31,9 @@ from common.calc_utils import (
     continual_summary,
     hamming_distance,
 )
-import common.calc_utils as cu
+from common.metrics import cpu, dispatch, numba_engine
+from common.metrics.queries import AveragePrecision, DistanceCounts, RelevantInTop
+from common.metrics.validation import prepare
 from utils.errors import DataError
 
 TOL = 1e-12
@@ -314,6 +317,58 @@ def test_segments_average_ties_equal_enumeration(backend):
         assert abs(got - float(exact)) <= 1e-10
 
 
+# ----------------------------------------------------------------------------- typed queries
+def test_query_descriptions_validate_and_normalise():
+    assert AveragePrecision(np.int64(5)).k == 5 and type(AveragePrecision(np.int64(5)).k) is int
+    assert AveragePrecision() == AveragePrecision(None)
+    for bad in (0, -1, True, 2.5, "3"):
+        with pytest.raises(MetricInputError, match="k: expected a positive integer or None"):
+            AveragePrecision(bad)
+    assert AveragePrecision(None).cutoff(10) is None
+    assert AveragePrecision(10).cutoff(10) is None and AveragePrecision(11).cutoff(10) is None
+    assert AveragePrecision(9).cutoff(10) == 9
+    q = RelevantInTop([10, np.int64(3)])
+    assert q.ns == (10, 3) and q == RelevantInTop((10, 3)) and hash(q) == hash(RelevantInTop((10, 3)))
+    assert RelevantInTop(7).ns == (7,)
+    for bad, msg in (([], "at least one N"), ([5, 0], "positive integer"), (None, "list of positive")):
+        with pytest.raises(MetricInputError, match=msg):
+            RelevantInTop(bad)
+    assert DistanceCounts() == DistanceCounts()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        AveragePrecision(3).k = 4
+
+
+ALL_BACKENDS = CPU_BACKENDS + ["torch"]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_per_query_results_equal_brute_force(backend):
+    """dispatch.per_query, per query and on segments: AP@k, top-n counts and distance
+    counts from every engine equal the exact references (duplicate queries included)."""
+    qc, dc, ql, dl = _random_case(11, Q=9, N=40, bits=12)
+    segs = [(dc[:25], dl[:25]), (dc[25:, :7], dl[25:])]
+    inp = prepare(qc, [c for c, _ in segs], ql, [lab for _, lab in segs])
+    rankings = [sorted(items, key=lambda t: (t[0], t[1])) for items in _ref_rankings(qc, segs, ql)]
+    for k in (None, 1, 6, 40, 99):
+        got = dispatch.per_query(inp, AveragePrecision(k), backend, None, None)
+        _, aps = ref_map(qc, segs, ql, k)
+        assert got.shape == (9,) and got.dtype == np.float64
+        np.testing.assert_allclose(got, [float(a) for a in aps], rtol=0, atol=TOL)
+    ns = (30, 1, 7, 500)
+    got = dispatch.per_query(inp, RelevantInTop(ns), backend, 2, None)
+    assert got.shape == (9, len(ns)) and got.dtype == np.float64
+    assert got.tolist() == [[sum(rel for _, _, rel in r[:n]) for n in ns] for r in rankings]
+    hist = dispatch.per_query(inp, DistanceCounts(), backend, None, None)
+    assert hist.shape == (9, 2, 13) and hist.dtype == np.int64
+    expected = np.zeros((9, 2, 13), dtype=np.int64)
+    for i, r in enumerate(rankings):
+        for dist, _, rel in r:
+            expected[i, int(rel), dist] += 1
+    np.testing.assert_array_equal(hist, expected)
+    with pytest.raises(TypeError, match="query: expected AveragePrecision"):
+        dispatch.per_query(inp, "topn", backend, None, None)
+
+
 # ----------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "mutate, match",
@@ -401,10 +456,10 @@ def test_torch_backend_segments_equal_numpy():
 
 def test_numpy1_popcount_fallback(monkeypatch):
     x = np.random.default_rng(0).integers(0, 2**63, size=(5, 7), dtype=np.uint64) * np.uint64(3)
-    np.testing.assert_array_equal(cu._popcount_lut(x), np.bitwise_count(x))
+    np.testing.assert_array_equal(cpu.popcount_lut(x), np.bitwise_count(x))
     qc, dc, ql, dl = _random_case(2, bits=70)
     expected = calc_map_k(qc, dc, ql, dl, backend="numpy")
-    monkeypatch.setattr(cu, "_bitcount", cu._popcount_lut)
+    monkeypatch.setattr(cpu, "bitcount", cpu.popcount_lut)
     assert calc_map_k(qc, dc, ql, dl, backend="numpy") == expected
     assert hamming_distance(qc, dc).tolist() == [[int((a != b).sum()) for b in dc] for a in qc]
 
@@ -413,7 +468,7 @@ def test_numpy1_popcount_fallback(monkeypatch):
 def test_deterministic_across_threads_and_blocks(backend, monkeypatch):
     """Bit-identical results for 1, 2, 3 threads and any block size (threads really used:
     the small-input threshold is lifted)."""
-    monkeypatch.setattr(cu, "_THREADS_MIN_PAIRS", 0)
+    monkeypatch.setattr(cpu, "THREADS_MIN_PAIRS", 0)
     qc, dc, ql, dl = _random_case(8, Q=40, N=300, bits=16, classes=6)
     for k in (None, 25):
         kw = dict(k=k, backend=backend)
@@ -510,11 +565,11 @@ def test_auto_falls_back_to_numpy_without_numba(monkeypatch):
     def numba_path(*args, **kwargs):
         raise AssertionError("the numba path ran")
 
-    monkeypatch.setattr(cu, "_numba_run", numba_path)
-    monkeypatch.setattr(cu, "_USE_NUMBA", False)  # the availability flag
+    monkeypatch.setattr(numba_engine, "run", numba_path)
+    monkeypatch.setattr(dispatch, "USE_NUMBA", False)  # the availability flag
     assert abs(calc_map_k(qc, dc, ql, dl) - float(exact)) <= TOL
-    monkeypatch.setattr(cu, "_USE_NUMBA", True)
-    monkeypatch.setattr(cu, "_numba_engine", lambda: None)  # numba not importable
+    monkeypatch.setattr(dispatch, "USE_NUMBA", True)
+    monkeypatch.setattr(numba_engine, "engine", lambda: None)  # numba not importable
     assert abs(calc_map_k(qc, dc, ql, dl, k=5) - float(exact5)) <= TOL
     with pytest.raises(MetricInputError, match="numba is not installed"):
         calc_map_k(qc, dc, ql, dl, backend="numba")
@@ -527,9 +582,9 @@ def test_auto_runs_numba_and_restores_its_settings(monkeypatch):
     import numba
 
     calls = []
-    real = cu._numba_run
-    monkeypatch.setattr(cu, "_numba_run", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
-    monkeypatch.setattr(cu, "_THREADS_MIN_PAIRS", 0)
+    real = numba_engine.run
+    monkeypatch.setattr(numba_engine, "run", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    monkeypatch.setattr(cpu, "THREADS_MIN_PAIRS", 0)
     qc, dc, ql, dl = _random_case(4, Q=20, N=100)
     before = numba.get_num_threads()
     ref = calc_map_k(qc, dc, ql, dl, num_threads=1)
@@ -538,8 +593,8 @@ def test_auto_runs_numba_and_restores_its_settings(monkeypatch):
     calc_precision_at_n(qc, dc, ql, dl, ns=[5])
     calc_pr_curve(qc, dc, ql, dl)
     assert numba.get_num_threads() == before
-    assert calls == ["ap_all", "ap_all", "ap_all", "topn", "hist"]
-    signatures = cu._numba_engine().kernel.signatures
+    assert calls == [AveragePrecision()] * 3 + [RelevantInTop((5,)), DistanceCounts()]
+    signatures = numba_engine.engine().kernel.signatures
     assert len(signatures) == len({sig[6] for sig in signatures})  # one per key dtype
 
 
@@ -550,7 +605,8 @@ def test_kernel_logic_as_plain_python_equals_brute_force(monkeypatch):
         config=types.SimpleNamespace(NUMBA_NUM_THREADS=1), get_num_threads=lambda: 1,
         set_num_threads=lambda n: None, parallel_chunksize=lambda n: contextlib.nullcontext(),
     )
-    monkeypatch.setattr(cu, "_numba_engine", lambda: cu._NumbaEngine(fake, cu._nb_rank_kernel, threading.Lock()))
+    monkeypatch.setattr(numba_engine, "engine",
+                        lambda: numba_engine.Engine(fake, numba_engine.rank_kernel, threading.Lock()))
     rng = np.random.default_rng(13)
     qc = rng.choice([-1, 1], size=(5, 70))
     segs = [(rng.choice([-1, 1], size=(14, 70)), (rng.random((14, 3)) < 0.4).astype(int)),

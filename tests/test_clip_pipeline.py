@@ -187,7 +187,7 @@ def test_path_rewrite_and_missing_images(work):
     with pytest.raises(DataError, match="does not start with it"):
         read_source(work / "seed_v5", PathRewrite(str(work / "folder"), "/elsewhere/"))
     unmapped = read_source(work / "seed_v5", label_names=str(work / "folder" / "labels.txt"))
-    with pytest.raises(DataError, match=r"12 of 12 images not found.*--image-root"):
+    with pytest.raises(DataError, match=r"12 of 12 images not found.*point image_root at"):
         unmapped.check_images()
     with pytest.raises(DataError, match="3 label columns|label names"):
         resolve_label_names(str(work / "folder" / "labels.txt"), 3, "label.mat")
@@ -304,7 +304,7 @@ def test_other_input_formats_extract_to_the_same_features(work, cache_a):
 
 def test_hub_names_are_refused_and_local_files_load(work, cache_a, tmp_path):
     for name in ("openai", "laion2b_s34b_b79k"):
-        with pytest.raises(UserError, match="never downloads.*--pretrained /path/to/file"):
+        with pytest.raises(UserError, match="never downloads.*pretrained=/path/to/file"):
             resolve_weights(ModelSpec("ViT-B-32", name))
     with pytest.raises(UserError, match="Hugging Face Hub"):
         resolve_weights(ModelSpec("ViT-B-32", "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K"))
