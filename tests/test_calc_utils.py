@@ -674,3 +674,14 @@ def test_continual_summary_single_task_and_bad_matrices():
     with pytest.raises(MetricInputError, match="untrained: 2 scores for 3"):
         continual_summary([[1.0], [1.0, 1.0], [1.0, 1.0, 1.0]], untrained=[0, 0])
     assert math.isclose(continual_summary([[1.0], [0.5, 1.0]])["bwt"], -0.5)
+
+
+def test_numba_kernel_leaves_torch_thread_count_alone():
+    """numba's OpenMP layer shares the OpenMP runtime with torch; a metric call must not
+    change the thread count torch trains with (it changed float sums of later runs)."""
+    pytest.importorskip("numba")
+    torch.set_num_threads(1)
+    q = torch.randint(0, 2, (40, 16)) * 2 - 1
+    labels = torch.eye(4)[torch.arange(40) % 4]
+    calc_map_k(q, q, labels, labels, backend="numba", num_threads=2)
+    assert torch.get_num_threads() == 1

@@ -11,6 +11,7 @@ so importing this module never imports numba.
 from __future__ import annotations
 
 import contextlib
+import sys
 import functools
 import threading
 import types
@@ -233,7 +234,15 @@ def fits(inp: Inputs) -> bool:
 @contextlib.contextmanager
 def _numba_threads(numba: Any, threads: int):
     """numba's thread count for this call (thread-local in numba), restored afterwards;
-    blocks of queries go to threads one at a time (dynamic schedule)."""
+    blocks of queries go to threads one at a time (dynamic schedule).
+
+    numba's OpenMP threading layer shares the OpenMP runtime with torch, and a kernel
+    launch resets that runtime's thread count: after it torch computes with numba's
+    count (e.g. 2 threads where the run asked for 1), and float sums change with it. So
+    torch's own setting is put back after every launch.
+    """
+    torch = sys.modules.get("torch")  # only restored if the process uses torch at all
+    torch_threads = torch.get_num_threads() if torch is not None else None
     previous = numba.get_num_threads()
     numba.set_num_threads(threads)
     chunking = getattr(numba, "parallel_chunksize", None)  # numba >= 0.57
@@ -242,6 +251,8 @@ def _numba_threads(numba: Any, threads: int):
             yield
     finally:
         numba.set_num_threads(previous)
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
 
 
 def run(inp: Inputs, rows: np.ndarray, query: Query, chunk_size: Optional[int],
