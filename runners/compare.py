@@ -16,8 +16,10 @@ table and a few plots.
   point at their own length.
 
 ``--reuse`` keeps a run whose ``results.json`` says finished and whose stored config
-equals the requested one (``runner.progress`` aside); an unfinished run with the same
-config is resumed; anything else is run again.
+equals the requested one (display-only keys aside); an unfinished run with the same
+config is resumed; anything else is run again. A run folder that already holds a run
+and is not reused or resumed is refused, before anything runs, unless ``--overwrite``
+(the old run is then kept until the new one has finished).
 """
 from __future__ import annotations
 
@@ -34,12 +36,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from utils.errors import DataError
+from runners.outputs import without_display_keys
+from runners.run_guard import run_status
+from utils.errors import DataError, OutputError, UserError
 from utils.io import atomic_write_bytes, atomic_write_text
 
 DIRECTIONS = (("i2t", "image -> text"), ("t2i", "text -> image"))
-# Config keys that change how a run looks, not what it computes.
-NEUTRAL_KEYS = (("runner", "progress"),)
 CSV_FIELDS = [
     "method", "config", "dataset", "metric", "mode", "tasks", "bits",
     "final_row_i2t", "final_row_t2i", "acc_i2t", "acc_t2i", "bwt_i2t", "bwt_t2i",
@@ -62,9 +64,10 @@ class ComparedRun:
 
 # ====================================================================== command line
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config-file", dest="config_files", nargs="+", required=True, metavar="FILE",
+    parser.add_argument("--config-file", dest="config_files", nargs="+", action="extend", required=True,
+                        metavar="FILE",
                         help="two or more YAML configs to run side by side, e.g. configs/DSPH/demo.yaml "
-                             "configs/DCMHT/demo.yaml")
+                             "configs/DCMHT/demo.yaml (a second --config-file adds to the list)")
     parser.add_argument("--output-dir", default="outputs/compare", metavar="DIR",
                         help="where comparison.md, comparison.csv, the PNG plots and runs/<METHOD>_<config>/ go "
                              "(default: outputs/compare)")
@@ -73,6 +76,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="keep runs in DIR/runs/ whose results.json is finished and whose config equals the "
                              "requested one; resume unfinished ones with the same config; run the rest")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace runs in DIR/runs/ that are not reused (each old run is kept until its "
+                             "new one has finished); without it such a run is refused before anything runs")
     parser.add_argument("--quiet", action="store_true", help="no log lines from the runs on the console")
 
 
@@ -83,6 +89,8 @@ def run_compare(args: argparse.Namespace) -> int:
     files = list(getattr(args, "config_files", None) or getattr(args, "config_file", None) or [])
     if not files:
         raise DataError("compare: give at least one --config-file")
+    if not str(args.output_dir).strip():
+        raise UserError("--output-dir: empty; give a directory, or leave the flag out for outputs/compare")
     out = Path(args.output_dir)
     # Every config is read and validated before anything runs.
     configs = [(str(f), load_config(f, list(args.overrides or []))) for f in files]
@@ -91,24 +99,21 @@ def run_compare(args: argparse.Namespace) -> int:
         for _, config in configs:
             config["runner"]["progress"] = False
     names = run_names([(f, c) for f, c in configs])
+    plans = [plan_run(out / "runs" / name, config, args.reuse, getattr(args, "overwrite", False))
+             for (_, config), name in zip(configs, names)]
     runs: List[ComparedRun] = []
-    for (path, config), name in zip(configs, names):
+    for (path, config), name, action in zip(configs, names, plans):
         run_dir = out / "runs" / name
-        results, reused = None, False
-        resume = False
-        if args.reuse:
-            status = reusable(run_dir, config)
-            if status == "finished":
-                results, reused = load_results(run_dir), True
-                print(f"compare: reusing {run_dir} ({path})")
-            elif status == "unfinished":
-                resume = True
-        if results is None:
+        if action == "reuse":
+            print(f"compare: reusing {run_dir} ({path})")
+            results = load_results(run_dir)
+        else:
             from runners.experiment import run_config
 
-            print(f"compare: {'resuming' if resume else 'running'} {path} -> {run_dir}")
-            results = run_config(config, run_dir, resume=resume, quiet=quiet)
-        runs.append(ComparedRun("", name, path, run_dir, results, reused))
+            print(f"compare: {'resuming' if action == 'resume' else 'running'} {path} -> {run_dir}")
+            results = run_config(config, run_dir, resume=action == "resume", quiet=quiet,
+                                 overwrite=action == "overwrite")
+        runs.append(ComparedRun("", name, path, run_dir, results, action == "reuse"))
     assign_labels(runs)
     write_comparison(out, runs)
     print(format_table(runs))
@@ -142,12 +147,23 @@ def assign_labels(runs: List[ComparedRun]) -> None:
 
 
 # ====================================================================== reuse
-def _neutral(config: Dict[str, Any]) -> Dict[str, Any]:
-    cfg = copy.deepcopy(config)
-    for block, key in NEUTRAL_KEYS:
-        if isinstance(cfg.get(block), dict):
-            cfg[block].pop(key, None)
-    return cfg
+def plan_run(run_dir: Path, config: Dict[str, Any], reuse: bool, overwrite: bool) -> str:
+    """``reuse``, ``resume``, ``run`` (nothing there) or ``overwrite``; a folder holding
+    a run that is neither reused nor resumed is an OutputError unless ``overwrite``."""
+    if reuse:
+        status = reusable(run_dir, config)
+        if status == "finished":
+            return "reuse"
+        if status == "unfinished":
+            return "resume"
+    held = run_status(run_dir) if run_dir.is_dir() else "empty"
+    if held == "empty":
+        return "run"
+    if overwrite:
+        return "overwrite"
+    why = " with another config" if reuse else ""
+    raise OutputError(f"{run_dir}: holds a{'n unfinished' if held == 'unfinished' else ' finished'} run{why}; "
+                      "use --overwrite to replace it" + ("" if reuse else ", or --reuse to keep it"))
 
 
 def stored_config(run_dir: Path, results: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
@@ -188,7 +204,7 @@ def reusable(run_dir: Path, config: Dict[str, Any]) -> str:
     except DataError:
         return "no"
     stored = stored_config(run_dir, results)
-    if stored is None or _neutral(stored) != _neutral(config):
+    if stored is None or without_display_keys(stored) != without_display_keys(config):
         return "no"
     if results.get("status") == "finished" and results.get("completed_tasks", results.get("tasks")) == results.get("tasks"):
         return "finished"

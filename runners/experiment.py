@@ -4,26 +4,33 @@ The CLI, the comparison command and the tests all go through ``run_config``.
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from common.code_store import CodeStore
-from utils.errors import DataError
-
+from runners import run_guard
 from runners.continual import OptimSpec
-from runners.outputs import RunOutput
+from runners.outputs import RunOutput, read_checkpoint
 from utils.config import build, validate_config
+from utils.errors import ConfigError, DataError, OutputError
 
 
 def run_config(
-    config: Dict[str, Any], output_dir: str | Path, resume: bool = False, quiet: bool = False
+    config: Dict[str, Any], output_dir: str | Path, resume: bool = False, quiet: bool = False, overwrite: bool = False
 ) -> Dict[str, Any]:
     """Run the experiment ``config`` describes; writes ``output_dir`` and returns the
-    results dict (the content of results.json)."""
+    results dict (the content of results.json).
+
+    A run already in ``output_dir`` is continued only with ``resume`` and replaced only
+    with ``overwrite`` (and then kept until the new run has finished); one writer at a
+    time holds the directory's lock (``runners.run_guard``)."""
     validate_config(config)
     dataset = build("dataset", config)
     runner = build("runner", config)
+    check_optimizer_blocks(config)
     stream = dataset.load()  # a missing or corrupt data file fails here, before any output
 
     def model_factory():
@@ -31,9 +38,37 @@ def run_config(
             "model", config, image_dim=stream.image_dim, text_dim=stream.text_dim, num_classes=stream.num_classes
         )
 
-    output = RunOutput(output_dir, config, tensorboard=getattr(runner, "tensorboard", True), quiet=quiet)
+    root = Path(output_dir)
+    run_guard.check_new_run(root, resume, overwrite)  # refused before the directory is even created
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel workers write nothing and take no lock
+        return _run(runner, stream, model_factory, config, root, resume, quiet)
+    with run_guard.RunLock(root):
+        run_guard.clean_temporaries(root)
+        run_guard.recover(root)  # what an interrupted --overwrite run replaced is back
+        status = run_guard.check_new_run(root, resume, overwrite)  # again, now that no one else writes
+        run_guard.check_free_space(root, estimate_run_bytes(model_factory(), stream))
+        replacing = overwrite and status != "empty"
+        if replacing:
+            run_guard.set_aside(root)
+        try:
+            results = _run(runner, stream, model_factory, config, root, resume, quiet)
+        except BaseException as exc:
+            if replacing:
+                run_guard.put_back(root)
+            if isinstance(exc, OutputError):
+                kept = ("the run it was to replace is restored" if replacing else
+                        "the last finished task is checkpointed: fix it and continue with --resume")
+                raise OutputError(f"{exc}; {kept}") from None
+            raise
+        if replacing:
+            run_guard.discard_aside(root)
+    return results
+
+
+def _run(runner, stream, model_factory, config, root: Path, resume: bool, quiet: bool) -> Dict[str, Any]:
+    output = RunOutput(root, config, tensorboard=getattr(runner, "tensorboard", True), quiet=quiet)
     try:
-        results = runner.run(
+        return runner.run(
             stream,
             model_factory,
             OptimSpec(optimizer=config["optimizer"], scheduler=config.get("scheduler")),
@@ -43,7 +78,33 @@ def run_config(
         )
     finally:
         output.close()
-    return results
+
+
+def check_optimizer_blocks(config: Dict[str, Any]) -> None:
+    """Build the optimiser and schedule on a stand-in parameter, so that a value they
+    refuse (a negative learning rate, betas out of range, a bad warm-up) is a
+    ConfigError before anything runs; the runner passes ``lr`` per parameter group,
+    where torch does not check it, so it is checked here too."""
+    import torch
+
+    lr = config["optimizer"].get("lr")
+    if lr is not None and not (math.isfinite(lr) and lr >= 0):
+        raise ConfigError(f"optimizer.lr: expected a finite learning rate >= 0, got {lr}")
+    optimizer = build("optimizer", config, params=[torch.nn.Parameter(torch.zeros(1))])
+    if config.get("scheduler"):
+        build("scheduler", config, optimizer=optimizer, total_steps=1, steps_per_epoch=1)
+
+
+def estimate_run_bytes(model, stream) -> int:
+    """About what a run writes at most: its task checkpoints and resume checkpoint
+    (twice the model's size each, for models that grow) and its stored codes (one byte
+    per bit, counted twice: codes.npz and last.pt), with room for the temporary copy
+    of the largest file while it is written atomically."""
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    bits = int(getattr(model, "bits", 64) or 64)
+    codes = sum(len(task.database) for task in stream.tasks) * 2 * bits
+    checkpoints = 2 * model_bytes * (len(stream) + 1)
+    return checkpoints + 2 * codes + (2 * model_bytes + codes) + (1 << 20)
 
 
 @dataclass
@@ -62,25 +123,17 @@ def load_run(run_dir: str | Path, task: Optional[int] = None, device: str = "cpu
     """Rebuild the model of ``run_dir`` after ``task`` (1-based; default: the last
     finished task) with the stored database codes, in eval mode, for evaluation,
     export and search."""
-    import torch
-
     root = Path(run_dir)
     last = root / "checkpoints" / "last.pt"
     if not last.is_file():
         raise DataError(f"{root}: not a run directory (expected checkpoints/last.pt written by 'python main.py train')")
-    try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        if task is not None and task != ckpt["next_task"]:
-            path = root / "checkpoints" / f"task_{task}.pt"
-            if not path.is_file():
-                raise DataError(f"{path}: no checkpoint for task {task} (finished tasks: 1..{ckpt['next_task']})")
-            model_ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            model_ckpt = ckpt
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"{last}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
+    ckpt = read_checkpoint(last, "resume")
+    model_ckpt = ckpt
+    if task is not None and task != ckpt["next_task"]:
+        path = root / "checkpoints" / f"task_{task}.pt"
+        if not path.is_file():
+            raise DataError(f"{path}: no checkpoint for task {task} (finished tasks: 1..{ckpt['next_task']})")
+        model_ckpt = read_checkpoint(path, "task")
     config = ckpt["config"]
     validate_config(config, source=str(root / "config.yaml"))
     model = build("model", config, **ckpt["dims"])
