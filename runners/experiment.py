@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from common.code_store import CodeStore
 from runners import run_guard
 from runners.continual import OptimSpec
-from runners.outputs import RunOutput, read_checkpoint
+from runners.outputs import RunOutput, read_checkpoint, write_results
 from utils.config import build, validate_config
 from utils.errors import ConfigError, DataError, OutputError
 
@@ -60,6 +60,8 @@ def run_config(
                         "the last finished task is checkpointed: fix it and continue with --resume")
                 raise OutputError(f"{exc}; {kept}") from None
             raise
+        if results.get("status") == "finished" and run_guard.run_status(root) != "finished":
+            write_results(root, results)  # killed after the final last.pt, before its results.json
         if replacing:
             run_guard.discard_aside(root)
     return results

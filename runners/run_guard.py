@@ -54,6 +54,8 @@ def check_new_run(root: Path, resume: bool, overwrite: bool) -> Status:
         raise UserError("--resume and --overwrite: give one (continue the run, or replace it)")
     if root.exists() and not root.is_dir():
         raise OutputError(f"{root}: is a file, not a directory; give --output-dir a directory")
+    if any((root / name).is_dir() for name in (ASIDE, ASIDE_PARTIAL)):
+        return "unfinished"  # an interrupted --overwrite run: decided again after recover(), under the lock
     status = run_status(root) if root.is_dir() else "empty"
     if resume or overwrite or status == "empty":
         return status

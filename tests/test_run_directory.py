@@ -1,0 +1,277 @@
+"""Run directories: nothing lost (no silent overwrite, a failing or killed --overwrite
+run gives the old run back), nothing half-written (one writer, results.json last,
+stale temporaries removed, full disk found up front or named in one line)."""
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import main
+from runners import outputs, run_guard
+from utils.errors import OutputError
+import utils.io
+
+ROOT = Path(main.__file__).parent
+DEMO = "configs/DSPH/demo.yaml"
+# The demo stream made small: a run takes a few seconds.
+SMALL = ["runner.epochs=1", "runner.tensorboard=false", "runner.num_threads=1",
+         "dataset.train_per_class=30", "dataset.query_per_class=10"]
+
+
+def train(out, *extra, overrides=(), config=DEMO):
+    return main.main(["--config-file", config, "--output-dir", str(out), "--set", *SMALL, *overrides, "--quiet", *extra])
+
+
+def digest(root: Path) -> dict:
+    """Every file under ``root`` (the lock aside) -> md5 of its bytes."""
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != run_guard.LOCK}
+
+
+def one_line_error(capsys, expected):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert expected in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert train(out) == 0
+    return out
+
+
+@pytest.fixture
+def copy_of(finished, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(finished, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------- no silent overwrite
+def test_new_run_into_a_finished_run_is_refused_and_changes_nothing(copy_of, capsys):
+    before = digest(copy_of)
+    assert train(copy_of, overrides=["runner.epochs=2"]) == 2
+    one_line_error(capsys, "holds a finished run; use --overwrite")
+    assert digest(copy_of) == before
+
+
+def test_new_run_into_an_unfinished_run_says_resume_or_overwrite(copy_of, capsys):
+    results = json.loads((copy_of / "results.json").read_text())
+    results["status"] = "running"
+    (copy_of / "results.json").write_text(json.dumps(results))
+    before = digest(copy_of)
+    assert train(copy_of) == 2
+    one_line_error(capsys, "holds an unfinished run; continue it with --resume or replace it with --overwrite")
+    assert digest(copy_of) == before
+
+
+def test_failing_overwrite_run_leaves_the_finished_run_intact(copy_of, capsys, monkeypatch):
+    before = digest(copy_of)
+    real = outputs.RunOutput.save_task
+
+    def fail_after_task_2(self, t, *args, **kwargs):
+        real(self, t, *args, **kwargs)
+        if t == 1:
+            raise OutputError(f"{self.root / 'codes.npz'}: cannot write (No space left on device)")
+
+    monkeypatch.setattr(outputs.RunOutput, "save_task", fail_after_task_2)
+    assert train(copy_of, "--overwrite", overrides=["runner.epochs=2"]) == 2
+    one_line_error(capsys, "the run it was to replace is restored")
+    assert digest(copy_of) == before
+    assert not (copy_of / run_guard.ASIDE).exists()
+
+
+def test_overwrite_replaces_only_once_the_new_run_has_finished(copy_of, monkeypatch):
+    seen = []
+    real = outputs.RunOutput.save_task
+
+    def watch(self, t, *args, **kwargs):  # while the new run trains, the old one is kept aside
+        seen.append(run_guard.run_status(self.root / run_guard.ASIDE))
+        real(self, t, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.RunOutput, "save_task", watch)
+    assert train(copy_of, "--overwrite", overrides=["runner.epochs=2"]) == 0
+    assert seen and set(seen) == {"finished"}
+    results = json.loads((copy_of / "results.json").read_text())
+    assert results["status"] == "finished" and results["config"]["runner"]["epochs"] == 2
+    assert not (copy_of / run_guard.ASIDE).exists()
+
+
+def test_killed_overwrite_run_gives_the_old_run_back_on_next_start(copy_of, capsys):
+    before = digest(copy_of)
+    run_guard.set_aside(copy_of)  # what --overwrite does first; then the new run was killed mid-way
+    (copy_of / "checkpoints").mkdir()
+    (copy_of / "results.json").write_text(json.dumps({"status": "running"}))
+    (copy_of / "train.log").write_text("partial")
+    assert train(copy_of) == 2  # the finished run is back, so a run without --overwrite is refused
+    one_line_error(capsys, "holds a finished run")
+    assert digest(copy_of) == before and not (copy_of / run_guard.ASIDE).exists()
+
+
+def test_kill_while_moving_aside_is_undone(copy_of):
+    before = digest(copy_of)
+    partial = copy_of / run_guard.ASIDE_PARTIAL
+    partial.mkdir()
+    os.rename(copy_of / "results.json", partial / "results.json")
+    os.rename(copy_of / "checkpoints", partial / "checkpoints")
+    assert run_guard.recover(copy_of)
+    assert digest(copy_of) == before and not partial.exists()
+
+
+def test_compare_refuses_to_replace_a_finished_run(finished, tmp_path, capsys):
+    run_dir = tmp_path / "cmp" / "runs" / "DSPH_demo"
+    shutil.copytree(finished, run_dir)
+    before = digest(run_dir)
+    argv = ["compare", "--config-file", DEMO, "--output-dir", str(tmp_path / "cmp"), "--set", *SMALL, "--quiet"]
+    assert main.main(argv) == 2
+    one_line_error(capsys, "DSPH_demo: holds a finished run; use --overwrite to replace it, or --reuse to keep it")
+    assert main.main([*argv, "--reuse"]) == 0  # same config: reused, not rerun
+    assert "reusing" in capsys.readouterr().out
+    assert digest(run_dir) == before
+
+
+# ---------------------------------------------------------------------- one writer
+HOLD = """
+import sys, time
+from pathlib import Path
+from runners.run_guard import RunLock
+lock = RunLock(Path(sys.argv[1]), command="holder-command").acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_second_writer_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(copy_of, capsys):
+    before = digest(copy_of)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(copy_of)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert train(copy_of, "--resume") == 2
+        one_line_error(capsys, f"in use by another run (pid {holder.pid} on ")
+        assert digest(copy_of) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "holder-command" in (copy_of / run_guard.LOCK).read_text()  # left behind by the killed holder
+    assert train(copy_of, "--resume") == 0  # nothing to do: the finished run is loaded
+    assert not (copy_of / run_guard.LOCK).exists() and digest(copy_of).keys() == before.keys()
+
+
+def test_two_concurrent_runs_one_wins_and_the_folder_is_one_run(tmp_path):
+    out = tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, "main.py", "--config-file", DEMO, "--output-dir", str(out),
+                               "--set", *SMALL, f"runner.seed={seed}", "--quiet"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for seed in (11, 12)]
+    codes, errs = zip(*[(p.wait(timeout=300), p.stderr.read()) for p in procs])
+    assert sorted(codes) == [0, 2], errs
+    loser = errs[codes.index(2)].strip()
+    assert len(loser.splitlines()) == 1 and ("in use by another run" in loser or "holds a finished run" in loser)
+    winner = (11, 12)[codes.index(0)]
+    results = json.loads((out / "results.json").read_text())
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert results["seed"] == winner == last["config"]["runner"]["seed"] == results["config"]["runner"]["seed"]
+    assert f"seed: {winner}" in (out / "config.yaml").read_text()
+    assert f"seed {winner}" in (out / "train.log").read_text()
+
+
+# ---------------------------------------------------------------------- nothing half-written
+def test_results_json_is_written_after_the_resume_checkpoint(tmp_path, monkeypatch):
+    order = []
+    real = utils.io.atomic_write_bytes
+
+    def record(path, data):
+        order.append(Path(path).name)
+        real(path, data)
+
+    monkeypatch.setattr(utils.io, "atomic_write_bytes", record)
+    monkeypatch.setattr(outputs, "atomic_write_json", lambda p, o: utils.io.atomic_write_text(p, json.dumps(o)))
+    assert train(tmp_path / "run") == 0
+    tasks = [i for i, name in enumerate(order) if name == "results.json"]
+    assert len(tasks) == 5
+    for end in tasks:  # every task ends with last.pt, then results.csv, then results.json
+        assert order[end - 2: end + 1] == ["last.pt", "results.csv", "results.json"]
+
+
+def test_kill_between_last_checkpoint_and_results_is_not_finished_and_resumes(copy_of):
+    results = json.loads((copy_of / "results.json").read_text())
+    results.update(status="running", completed_tasks=results["tasks"] - 1)
+    (copy_of / "results.json").write_text(json.dumps(results))  # as if killed before the last write
+    assert run_guard.run_status(copy_of) == "unfinished"
+    assert train(copy_of, "--resume") == 0
+    assert run_guard.run_status(copy_of) == "finished"
+
+
+def test_stale_temporaries_are_removed_on_start(copy_of):
+    stale = [copy_of / ".results.json.x1y2.tmp", copy_of / "checkpoints" / ".last.pt.a9b8.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+    assert train(copy_of, "--resume") == 0
+    assert not any(p.exists() for p in stale)
+
+
+# ---------------------------------------------------------------------- disk and paths
+def test_full_disk_is_found_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(run_guard.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9, free=4096))
+    out = tmp_path / "run"
+    assert train(out) == 2
+    one_line_error(capsys, "MiB free, the run needs about")
+    assert not (out / "results.json").exists() and not (out / "config.yaml").exists()
+
+
+def test_a_later_write_failure_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real = os.replace
+
+    def full_at_task_2(src, dst, *a, **k):
+        if Path(dst).name == "task_2.pt":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(utils.io.os, "replace", full_at_task_2)
+    assert train(out) == 2
+    err = one_line_error(capsys, "task_2.pt: cannot write (No space left on device)")
+    assert "continue with --resume" in err
+    assert not list(out.rglob("*.tmp"))
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["next_task"] == 1
+    monkeypatch.setattr(utils.io.os, "replace", real)
+    assert train(out, "--resume") == 0 and run_guard.run_status(out) == "finished"
+
+
+def test_output_path_that_is_a_file_or_under_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("keep me")
+    assert train(f) == 2
+    one_line_error(capsys, "is a file, not a directory")
+    assert train(f / "run") == 2
+    one_line_error(capsys, "cannot write the run directory")
+    assert f.read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------- resume keys
+def test_resume_ignores_display_only_keys_but_not_others(copy_of, capsys):
+    # the finished run was made with --quiet (runner.progress false); resuming without it is fine
+    assert main.main(["--config-file", DEMO, "--output-dir", str(copy_of), "--set", *SMALL, "--resume"]) == 0
+    capsys.readouterr()
+    assert train(copy_of, "--resume", overrides=["runner.progress=true"]) == 0
+    capsys.readouterr()
+    assert train(copy_of, "--resume", overrides=["runner.seed=2"]) == 2
+    one_line_error(capsys, "different config (runner.seed: 1 then, 2 now)")
+    assert outputs.DISPLAY_ONLY_KEYS == (("runner", "progress"),)
+
+
+def test_resume_and_overwrite_together_are_refused(copy_of, capsys):
+    before = digest(copy_of)
+    assert train(copy_of, "--resume", "--overwrite") == 2
+    one_line_error(capsys, "--resume and --overwrite: give one")
+    assert digest(copy_of) == before
