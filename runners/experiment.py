@@ -45,7 +45,7 @@ def run_config(
     with run_guard.RunLock(root):
         run_guard.clean_temporaries(root)
         run_guard.recover(root)  # what an interrupted --overwrite run replaced is back
-        status = run_guard.check_new_run(root, resume, overwrite)  # again, now that no one else writes
+        status = run_guard.check_new_run(root, resume, overwrite, locked=True)  # again, now that no one else writes
         run_guard.check_free_space(root, estimate_run_bytes(model_factory(), stream))
         replacing = overwrite and status != "empty"
         if replacing:

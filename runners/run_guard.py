@@ -48,12 +48,15 @@ def run_status(root: Path) -> Status:
     return "unfinished" if any((root / name).exists() for name in RUN_STATE) else "empty"
 
 
-def check_new_run(root: Path, resume: bool, overwrite: bool) -> Status:
-    """Refuse a run that would replace a run in ``root`` it was not told to replace."""
+def check_new_run(root: Path, resume: bool, overwrite: bool, locked: bool = False) -> Status:
+    """Refuse a run that would replace a run in ``root`` it was not told to replace, or
+    that another process is writing (unless the caller holds the lock: ``locked``)."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite: give one (continue the run, or replace it)")
     if root.exists() and not root.is_dir():
         raise OutputError(f"{root}: is a file, not a directory; give --output-dir a directory")
+    if not locked:
+        refuse_if_locked(root)
     if any((root / name).is_dir() for name in (ASIDE, ASIDE_PARTIAL)):
         return "unfinished"  # an interrupted --overwrite run: decided again after recover(), under the lock
     status = run_status(root) if root.is_dir() else "empty"
@@ -63,6 +66,25 @@ def check_new_run(root: Path, resume: bool, overwrite: bool) -> Status:
         raise OutputError(f"{root}: holds a finished run; use --overwrite to replace it (it is kept until the "
                           "new run has finished) or another --output-dir")
     raise OutputError(f"{root}: holds an unfinished run; continue it with --resume or replace it with --overwrite")
+
+
+def _in_use(root: Path, fd: int) -> OutputError:
+    return OutputError(f"{root}: in use by another run ({_holder(fd)}); wait for it to end or use another --output-dir")
+
+
+def refuse_if_locked(root: Path) -> None:
+    """An OutputError naming the holder when another process holds the lock of ``root``
+    (a probe: creates nothing, keeps nothing)."""
+    try:
+        fd = os.open(root / LOCK, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _in_use(root, fd) from None
+    finally:
+        os.close(fd)
 
 
 def _holder(fd: int) -> str:
@@ -88,10 +110,9 @@ class RunLock:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    holder = _holder(fd)
+                    error = _in_use(self.root, fd)
                     os.close(fd)
-                    raise OutputError(f"{self.root}: in use by another run ({holder}); wait for it to end or "
-                                      "use another --output-dir") from None
+                    raise error from None
                 try:  # the holder may have removed the file between our open and our lock
                     same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
                 except FileNotFoundError:

@@ -68,7 +68,7 @@ def test_outputs_and_results_shape(trained):
 def test_stored_codes_are_written_once(trained):
     """Task 1's database codes after task 3 are the ones written after task 1."""
     out, _ = trained
-    first = torch.load(out / "checkpoints" / "task_1.pt", weights_only=False)
+    first = torch.load(out / "checkpoints" / "task_1.pt", weights_only=True)
     run = load_run(out, task=1)
     assert run.task == 1 and run.store.tasks() == [0]
     final = CodeStore.load(out / "codes.npz")
