@@ -17,6 +17,7 @@ import csv
 import io
 import logging
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -88,9 +89,14 @@ def read_checkpoint(path: Path, kind: str) -> Dict[str, Any]:
     a truncated, foreign, unsafe or wrong-kind file is a DataError naming ``path``."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise DataError(f"{path}: refused: it holds Python objects other than tensors, numbers, strings, lists "
-                        "and dicts (loading it could run code); this library never writes such checkpoints") from None
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:  # not a checkpoint at all: garbage or truncated
+            raise DataError(f"{path}: cannot read the checkpoint (UnpicklingError); it is truncated or not a "
+                            "checkpoint of this library") from None
+        raise DataError(f"{path}: refused: it holds a Python object ({found.group(1)}), not only tensors, numbers, "
+                        "strings, lists and dicts (loading it could run code); this library never writes such "
+                        "checkpoints") from None
     except Exception as exc:  # a truncated or foreign file
         raise DataError(f"{path}: cannot read the checkpoint ({type(exc).__name__}); it is truncated or not a "
                         "checkpoint of this library") from None

@@ -1,0 +1,124 @@
+"""Checkpoints hold only tensors, numbers, strings, lists and dicts and are read with
+``weights_only=True``: a checkpoint carrying a Python object is refused and nothing in
+it runs; a checkpoint of the wrong kind or a corrupt one is named in one line."""
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import main
+from runners.outputs import checkpoint_payload, read_checkpoint
+from utils.errors import DataError
+
+DEMO = "configs/DSPH/demo.yaml"
+SMALL = ["runner.epochs=1", "runner.tensorboard=false", "runner.num_threads=1",
+         "dataset.train_per_class=30", "dataset.query_per_class=10"]
+
+
+class WritesAFile:
+    """Unpickling this calls ``open(marker, "w")``: it creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@dataclass
+class Settings:
+    lr: float
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("safe") / "run"
+    assert main.main(["--config-file", DEMO, "--output-dir", str(out), "--set", *SMALL, "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(finished, dst)
+    return dst
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_saved_checkpoints_load_with_weights_only_and_hold_only_plain_types(finished):
+    def plain(x):
+        if isinstance(x, dict):
+            return all(isinstance(k, (str, int)) and plain(v) for k, v in x.items())
+        if isinstance(x, (list, tuple)):
+            return all(plain(v) for v in x)
+        return x is None or isinstance(x, (bool, int, float, str, torch.Tensor))
+
+    for name in ("last.pt", "task_1.pt", "task_5.pt"):
+        ckpt = torch.load(finished / "checkpoints" / name, weights_only=True)
+        assert plain(ckpt), name
+    assert read_checkpoint(finished / "checkpoints" / "last.pt", "resume")["kind"] == "resume"
+    assert read_checkpoint(finished / "checkpoints" / "task_2.pt", "task")["task"] == 2
+
+
+@pytest.mark.parametrize("command", ["evaluate", "resume"])
+def test_a_checkpoint_carrying_a_pickled_object_is_refused_and_nothing_runs(run_copy, tmp_path, capsys, command):
+    marker = tmp_path / "was_executed"
+    last = run_copy / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["model"] = {"weight": WritesAFile(marker)}
+    torch.save(ckpt, last)
+    argv = (["evaluate", "--run-dir", str(run_copy)] if command == "evaluate" else
+            ["--config-file", DEMO, "--output-dir", str(run_copy), "--set", *SMALL, "--quiet", "--resume"])
+    assert main.main(argv) == 2
+    err = error_line(capsys)
+    assert "last.pt: refused" in err and "could run code" in err
+    assert not marker.exists()
+    # the same file read the unsafe way would have run the object's code: the test is real
+    torch.load(last, weights_only=False)
+    assert marker.exists()
+
+
+def test_a_checkpoint_of_the_wrong_kind_is_named(run_copy, capsys):
+    shutil.copy(run_copy / "checkpoints" / "task_2.pt", run_copy / "checkpoints" / "last.pt")
+    assert main.main(["evaluate", "--run-dir", str(run_copy)]) == 2
+    assert "last.pt: expected the resume checkpoint (last.pt), found a task checkpoint" in error_line(capsys)
+    torch.save(torch.zeros(3), run_copy / "checkpoints" / "last.pt")
+    assert main.main(["--config-file", DEMO, "--output-dir", str(run_copy), "--set", *SMALL, "--quiet",
+                      "--resume"]) == 2
+    assert "last.pt: expected a checkpoint of this library, found a Tensor" in error_line(capsys)
+
+
+def test_a_corrupt_task_checkpoint_is_reported_with_its_own_name(run_copy, capsys):
+    path = run_copy / "checkpoints" / "task_2.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    assert main.main(["evaluate", "--run-dir", str(run_copy), "--task", "2"]) == 2
+    err = error_line(capsys)
+    assert "task_2.pt: cannot read the checkpoint" in err and "last.pt" not in err
+    assert main.main(["evaluate", "--run-dir", str(run_copy), "--task", "3"]) == 0  # the others are fine
+    capsys.readouterr()
+
+
+def test_checkpoint_payload_converts_numpy_and_refuses_objects():
+    out = checkpoint_payload({"a": np.arange(3, dtype=np.uint8), "ids": np.array(["x", "y"]), "n": np.float32(0.5),
+                              "nested": [{"t": torch.ones(2)}, (1, "s", None)]})
+    assert torch.equal(out["a"], torch.tensor([0, 1, 2], dtype=torch.uint8))
+    assert out["ids"] == ["x", "y"] and type(out["n"]) is float and out["nested"][1] == (1, "s", None)
+    with pytest.raises(TypeError, match=r"checkpoint\.results\.opt: a Settings cannot be checkpointed"):
+        checkpoint_payload({"results": {"opt": Settings(0.1)}})
+    with pytest.raises(TypeError, match="dtype object"):
+        checkpoint_payload({"x": np.array([object()])})
+
+
+def test_read_checkpoint_refuses_a_foreign_file(tmp_path):
+    p = tmp_path / "x.pt"
+    p.write_text("not a checkpoint")
+    with pytest.raises(DataError, match="x.pt: cannot read the checkpoint"):
+        read_checkpoint(p, "resume")
