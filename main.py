@@ -156,7 +156,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the last finished task is checkpointed; continue with --resume", file=sys.stderr)
+        if getattr(args, "overwrite", False):
+            print("interrupted: the run it was to replace is restored", file=sys.stderr)
+        else:
+            print("interrupted: the last finished task is checkpointed; continue with --resume", file=sys.stderr)
         return 130
 
 

@@ -39,9 +39,12 @@ def run_config(
         )
 
     root = Path(output_dir)
-    run_guard.check_new_run(root, resume, overwrite)  # refused before the directory is even created
-    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel workers write nothing and take no lock
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Data-parallel workers write nothing and take no lock (rank 0 holds it); they
+        # judge the folder as rank 0 does, so that they refuse what it refuses.
+        run_guard.check_new_run(root, resume, overwrite, locked=True)
         return _run(runner, stream, model_factory, config, root, resume, quiet)
+    run_guard.check_new_run(root, resume, overwrite)  # refused before the directory is even created
     with run_guard.RunLock(root):
         run_guard.clean_temporaries(root)
         run_guard.recover(root)  # what an interrupted --overwrite run replaced is back

@@ -2,7 +2,6 @@
 run gives the old run back), nothing half-written (one writer, results.json last,
 stale temporaries removed, full disk found up front or named in one line)."""
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -19,64 +18,31 @@ from runners import outputs, run_guard
 from utils.errors import OutputError
 import utils.io
 
+from run_dir_checks import DEMO, SMALL, digest, one_line_error, train
+
 ROOT = Path(main.__file__).parent
-DEMO = "configs/DSPH/demo.yaml"
-# The demo stream made small: a run takes a few seconds.
-SMALL = ["runner.epochs=1", "runner.tensorboard=false", "runner.num_threads=1",
-         "dataset.train_per_class=30", "dataset.query_per_class=10"]
-
-
-def train(out, *extra, overrides=(), config=DEMO):
-    return main.main(["--config-file", config, "--output-dir", str(out), "--set", *SMALL, *overrides, "--quiet", *extra])
-
-
-def digest(root: Path) -> dict:
-    """Every file under ``root`` (the lock aside) -> md5 of its bytes."""
-    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != run_guard.LOCK}
-
-
-def one_line_error(capsys, expected):
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert expected in err, err
-    return err
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert train(out) == 0
-    return out
-
-
-@pytest.fixture
-def copy_of(finished, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(finished, dst)
-    return dst
 
 
 # ---------------------------------------------------------------------- no silent overwrite
-def test_new_run_into_a_finished_run_is_refused_and_changes_nothing(copy_of, capsys):
-    before = digest(copy_of)
-    assert train(copy_of, overrides=["runner.epochs=2"]) == 2
+def test_new_run_into_a_finished_run_is_refused_and_changes_nothing(run_copy, capsys):
+    before = digest(run_copy)
+    assert train(run_copy, overrides=["runner.epochs=2"]) == 2
     one_line_error(capsys, "holds a finished run; use --overwrite")
-    assert digest(copy_of) == before
+    assert digest(run_copy) == before
 
 
-def test_new_run_into_an_unfinished_run_says_resume_or_overwrite(copy_of, capsys):
-    results = json.loads((copy_of / "results.json").read_text())
+def test_new_run_into_an_unfinished_run_says_resume_or_overwrite(run_copy, capsys):
+    results = json.loads((run_copy / "results.json").read_text())
     results["status"] = "running"
-    (copy_of / "results.json").write_text(json.dumps(results))
-    before = digest(copy_of)
-    assert train(copy_of) == 2
+    (run_copy / "results.json").write_text(json.dumps(results))
+    before = digest(run_copy)
+    assert train(run_copy) == 2
     one_line_error(capsys, "holds an unfinished run; continue it with --resume or replace it with --overwrite")
-    assert digest(copy_of) == before
+    assert digest(run_copy) == before
 
 
-def test_failing_overwrite_run_leaves_the_finished_run_intact(copy_of, capsys, monkeypatch):
-    before = digest(copy_of)
+def test_failing_overwrite_run_leaves_the_finished_run_intact(run_copy, capsys, monkeypatch):
+    before = digest(run_copy)
     real = outputs.RunOutput.save_task
 
     def fail_after_task_2(self, t, *args, **kwargs):
@@ -85,13 +51,13 @@ def test_failing_overwrite_run_leaves_the_finished_run_intact(copy_of, capsys, m
             raise OutputError(f"{self.root / 'codes.npz'}: cannot write (No space left on device)")
 
     monkeypatch.setattr(outputs.RunOutput, "save_task", fail_after_task_2)
-    assert train(copy_of, "--overwrite", overrides=["runner.epochs=2"]) == 2
+    assert train(run_copy, "--overwrite", overrides=["runner.epochs=2"]) == 2
     one_line_error(capsys, "the run it was to replace is restored")
-    assert digest(copy_of) == before
-    assert not (copy_of / run_guard.ASIDE).exists()
+    assert digest(run_copy) == before
+    assert not (run_copy / run_guard.ASIDE).exists()
 
 
-def test_overwrite_replaces_only_once_the_new_run_has_finished(copy_of, monkeypatch):
+def test_overwrite_replaces_only_once_the_new_run_has_finished(run_copy, monkeypatch):
     seen = []
     real = outputs.RunOutput.save_task
 
@@ -100,37 +66,37 @@ def test_overwrite_replaces_only_once_the_new_run_has_finished(copy_of, monkeypa
         real(self, t, *args, **kwargs)
 
     monkeypatch.setattr(outputs.RunOutput, "save_task", watch)
-    assert train(copy_of, "--overwrite", overrides=["runner.epochs=2"]) == 0
+    assert train(run_copy, "--overwrite", overrides=["runner.epochs=2"]) == 0
     assert seen and set(seen) == {"finished"}
-    results = json.loads((copy_of / "results.json").read_text())
+    results = json.loads((run_copy / "results.json").read_text())
     assert results["status"] == "finished" and results["config"]["runner"]["epochs"] == 2
-    assert not (copy_of / run_guard.ASIDE).exists()
+    assert not (run_copy / run_guard.ASIDE).exists()
 
 
-def test_killed_overwrite_run_gives_the_old_run_back_on_next_start(copy_of, capsys):
-    before = digest(copy_of)
-    run_guard.set_aside(copy_of)  # what --overwrite does first; then the new run was killed mid-way
-    (copy_of / "checkpoints").mkdir()
-    (copy_of / "results.json").write_text(json.dumps({"status": "running"}))
-    (copy_of / "train.log").write_text("partial")
-    assert train(copy_of) == 2  # the finished run is back, so a run without --overwrite is refused
+def test_killed_overwrite_run_gives_the_old_run_back_on_next_start(run_copy, capsys):
+    before = digest(run_copy)
+    run_guard.set_aside(run_copy)  # what --overwrite does first; then the new run was killed mid-way
+    (run_copy / "checkpoints").mkdir()
+    (run_copy / "results.json").write_text(json.dumps({"status": "running"}))
+    (run_copy / "train.log").write_text("partial")
+    assert train(run_copy) == 2  # the finished run is back, so a run without --overwrite is refused
     one_line_error(capsys, "holds a finished run")
-    assert digest(copy_of) == before and not (copy_of / run_guard.ASIDE).exists()
+    assert digest(run_copy) == before and not (run_copy / run_guard.ASIDE).exists()
 
 
-def test_kill_while_moving_aside_is_undone(copy_of):
-    before = digest(copy_of)
-    partial = copy_of / run_guard.ASIDE_PARTIAL
+def test_kill_while_moving_aside_is_undone(run_copy):
+    before = digest(run_copy)
+    partial = run_copy / run_guard.ASIDE_PARTIAL
     partial.mkdir()
-    os.rename(copy_of / "results.json", partial / "results.json")
-    os.rename(copy_of / "checkpoints", partial / "checkpoints")
-    assert run_guard.recover(copy_of)
-    assert digest(copy_of) == before and not partial.exists()
+    os.rename(run_copy / "results.json", partial / "results.json")
+    os.rename(run_copy / "checkpoints", partial / "checkpoints")
+    assert run_guard.recover(run_copy)
+    assert digest(run_copy) == before and not partial.exists()
 
 
-def test_compare_refuses_to_replace_a_finished_run(finished, tmp_path, capsys):
+def test_compare_refuses_to_replace_a_finished_run(finished_run, tmp_path, capsys):
     run_dir = tmp_path / "cmp" / "runs" / "DSPH_demo"
-    shutil.copytree(finished, run_dir)
+    shutil.copytree(finished_run, run_dir)
     before = digest(run_dir)
     argv = ["compare", "--config-file", DEMO, "--output-dir", str(tmp_path / "cmp"), "--set", *SMALL, "--quiet"]
     assert main.main(argv) == 2
@@ -156,7 +122,7 @@ sys.exit(main.main(sys.argv[1:]))
 """
 
 
-def test_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(finished, tmp_path, capsys):
+def test_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(finished_run, tmp_path, capsys):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, "--config-file", DEMO, "--output-dir", str(out),
                              "--set", *SMALL, "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -174,7 +140,7 @@ def test_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_taken
     assert train(out, "--resume") == 0  # the dead holder's lock is taken over; tasks 3..5 run
     resumed = json.loads((out / "results.json").read_text())
     assert resumed["status"] == "finished"
-    assert resumed["map"] == json.loads((finished / "results.json").read_text())["map"]  # as uninterrupted
+    assert resumed["map"] == json.loads((finished_run / "results.json").read_text())["map"]  # as uninterrupted
     assert not (out / run_guard.LOCK).exists() and not list(out.rglob("*.tmp"))
 
 
@@ -196,20 +162,20 @@ def test_results_json_is_written_after_the_resume_checkpoint(tmp_path, monkeypat
         assert order[end - 2: end + 1] == ["last.pt", "results.csv", "results.json"]
 
 
-def test_kill_between_last_checkpoint_and_results_is_not_finished_and_resumes(copy_of):
-    results = json.loads((copy_of / "results.json").read_text())
+def test_kill_between_last_checkpoint_and_results_is_not_finished_and_resumes(run_copy):
+    results = json.loads((run_copy / "results.json").read_text())
     results.update(status="running", completed_tasks=results["tasks"] - 1)
-    (copy_of / "results.json").write_text(json.dumps(results))  # as if killed before the last write
-    assert run_guard.run_status(copy_of) == "unfinished"
-    assert train(copy_of, "--resume") == 0
-    assert run_guard.run_status(copy_of) == "finished"
+    (run_copy / "results.json").write_text(json.dumps(results))  # as if killed before the last write
+    assert run_guard.run_status(run_copy) == "unfinished"
+    assert train(run_copy, "--resume") == 0
+    assert run_guard.run_status(run_copy) == "finished"
 
 
-def test_stale_temporaries_are_removed_on_start(copy_of):
-    stale = [copy_of / ".results.json.x1y2.tmp", copy_of / "checkpoints" / ".last.pt.a9b8.tmp"]
+def test_stale_temporaries_are_removed_on_start(run_copy):
+    stale = [run_copy / ".results.json.x1y2.tmp", run_copy / "checkpoints" / ".last.pt.a9b8.tmp"]
     for p in stale:
         p.write_bytes(b"half")
-    assert train(copy_of, "--resume") == 0
+    assert train(run_copy, "--resume") == 0
     assert not any(p.exists() for p in stale)
 
 
@@ -252,19 +218,19 @@ def test_output_path_that_is_a_file_or_under_a_file(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- resume keys
-def test_resume_ignores_display_only_keys_but_not_others(copy_of, capsys):
+def test_resume_ignores_display_only_keys_but_not_others(run_copy, capsys):
     # the finished run was made with --quiet (runner.progress false); resuming without it is fine
-    assert main.main(["--config-file", DEMO, "--output-dir", str(copy_of), "--set", *SMALL, "--resume"]) == 0
+    assert main.main(["--config-file", DEMO, "--output-dir", str(run_copy), "--set", *SMALL, "--resume"]) == 0
     capsys.readouterr()
-    assert train(copy_of, "--resume", overrides=["runner.progress=true"]) == 0
+    assert train(run_copy, "--resume", overrides=["runner.progress=true"]) == 0
     capsys.readouterr()
-    assert train(copy_of, "--resume", overrides=["runner.seed=2"]) == 2
+    assert train(run_copy, "--resume", overrides=["runner.seed=2"]) == 2
     one_line_error(capsys, "different config (runner.seed: 1 then, 2 now)")
     assert outputs.DISPLAY_ONLY_KEYS == (("runner", "progress"),)
 
 
-def test_resume_and_overwrite_together_are_refused(copy_of, capsys):
-    before = digest(copy_of)
-    assert train(copy_of, "--resume", "--overwrite") == 2
+def test_resume_and_overwrite_together_are_refused(run_copy, capsys):
+    before = digest(run_copy)
+    assert train(run_copy, "--resume", "--overwrite") == 2
     one_line_error(capsys, "--resume and --overwrite: give one")
-    assert digest(copy_of) == before
+    assert digest(run_copy) == before

@@ -13,9 +13,8 @@ import main
 from runners.outputs import checkpoint_payload, read_checkpoint
 from utils.errors import DataError
 
-DEMO = "configs/DSPH/demo.yaml"
-SMALL = ["runner.epochs=1", "runner.tensorboard=false", "runner.num_threads=1",
-         "dataset.train_per_class=30", "dataset.query_per_class=10"]
+from run_dir_checks import DEMO, SMALL, one_line_error
+
 
 
 class WritesAFile:
@@ -33,27 +32,7 @@ class Settings:
     lr: float
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    out = tmp_path_factory.mktemp("safe") / "run"
-    assert main.main(["--config-file", DEMO, "--output-dir", str(out), "--set", *SMALL, "--quiet"]) == 0
-    return out
-
-
-@pytest.fixture
-def run_copy(finished, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(finished, dst)
-    return dst
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
-
-
-def test_saved_checkpoints_load_with_weights_only_and_hold_only_plain_types(finished):
+def test_saved_checkpoints_load_with_weights_only_and_hold_only_plain_types(finished_run):
     def plain(x):
         if isinstance(x, dict):
             return all(isinstance(k, (str, int)) and plain(v) for k, v in x.items())
@@ -62,10 +41,10 @@ def test_saved_checkpoints_load_with_weights_only_and_hold_only_plain_types(fini
         return x is None or isinstance(x, (bool, int, float, str, torch.Tensor))
 
     for name in ("last.pt", "task_1.pt", "task_5.pt"):
-        ckpt = torch.load(finished / "checkpoints" / name, weights_only=True)
+        ckpt = torch.load(finished_run / "checkpoints" / name, weights_only=True)
         assert plain(ckpt), name
-    assert read_checkpoint(finished / "checkpoints" / "last.pt", "resume")["kind"] == "resume"
-    assert read_checkpoint(finished / "checkpoints" / "task_2.pt", "task")["task"] == 2
+    assert read_checkpoint(finished_run / "checkpoints" / "last.pt", "resume")["kind"] == "resume"
+    assert read_checkpoint(finished_run / "checkpoints" / "task_2.pt", "task")["task"] == 2
 
 
 @pytest.mark.parametrize("command", ["evaluate", "resume"])
@@ -78,7 +57,7 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_and_nothing_runs(run_
     argv = (["evaluate", "--run-dir", str(run_copy)] if command == "evaluate" else
             ["--config-file", DEMO, "--output-dir", str(run_copy), "--set", *SMALL, "--quiet", "--resume"])
     assert main.main(argv) == 2
-    err = error_line(capsys)
+    err = one_line_error(capsys)
     assert "last.pt: refused" in err and "could run code" in err
     assert not marker.exists()
     # the same file read the unsafe way would have run the object's code: the test is real
@@ -89,18 +68,18 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_and_nothing_runs(run_
 def test_a_checkpoint_of_the_wrong_kind_is_named(run_copy, capsys):
     shutil.copy(run_copy / "checkpoints" / "task_2.pt", run_copy / "checkpoints" / "last.pt")
     assert main.main(["evaluate", "--run-dir", str(run_copy)]) == 2
-    assert "last.pt: expected the resume checkpoint (last.pt), found a task checkpoint" in error_line(capsys)
+    assert "last.pt: expected the resume checkpoint (last.pt), found a task checkpoint" in one_line_error(capsys)
     torch.save(torch.zeros(3), run_copy / "checkpoints" / "last.pt")
     assert main.main(["--config-file", DEMO, "--output-dir", str(run_copy), "--set", *SMALL, "--quiet",
                       "--resume"]) == 2
-    assert "last.pt: expected a checkpoint of this library, found a Tensor" in error_line(capsys)
+    assert "last.pt: expected a checkpoint of this library, found a Tensor" in one_line_error(capsys)
 
 
 def test_a_corrupt_task_checkpoint_is_reported_with_its_own_name(run_copy, capsys):
     path = run_copy / "checkpoints" / "task_2.pt"
     path.write_bytes(path.read_bytes()[:100])
     assert main.main(["evaluate", "--run-dir", str(run_copy), "--task", "2"]) == 2
-    err = error_line(capsys)
+    err = one_line_error(capsys)
     assert "task_2.pt: cannot read the checkpoint" in err and "last.pt" not in err
     assert main.main(["evaluate", "--run-dir", str(run_copy), "--task", "3"]) == 0  # the others are fine
     capsys.readouterr()
