@@ -173,12 +173,15 @@ class RunOutput:
             self._writer.add_scalar(tag, value, step)
 
     def save_task(
-        self, t: int, model: HashModel, store: CodeStore, state: Dict[str, Any], keep: bool, last: bool
+        self, t: int, model: HashModel, store: CodeStore, state: Dict[str, Any], keep: bool, last: bool,
+        runner_state: Optional[Dict[str, Any]] = None,
     ) -> None:
         """After task t: task checkpoint, codes, resume checkpoint, then results. Each
         file is atomic; results.json comes last, so its ``finished`` status is only
         ever seen with the final ``last.pt``, and an interruption anywhere leaves a
-        consistent earlier state (``last.pt`` is what ``--resume`` trusts)."""
+        consistent earlier state (``last.pt`` is what ``--resume`` trusts).
+        ``runner_state`` (RNG states, counters: tensors, numbers, lists, dicts) goes
+        into ``last.pt`` as ``runner_state``, for the runner to restore on resume."""
         if last:
             state["status"] = "finished"
         if not self.enabled:
@@ -196,6 +199,7 @@ class RunOutput:
             checkpoint_payload({
                 "kind": "resume", "next_task": t + 1, "structure": model.structure(), "model": model_state,
                 "store": store.state(), "results": state, "config": self.config, "dims": state["dims"],
+                "runner_state": runner_state or {},
             }),
         )
         write_results(self.root, state)

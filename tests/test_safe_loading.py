@@ -101,3 +101,22 @@ def test_read_checkpoint_refuses_a_foreign_file(tmp_path):
     p.write_text("not a checkpoint")
     with pytest.raises(DataError, match="x.pt: cannot read the checkpoint"):
         read_checkpoint(p, "resume")
+
+
+def test_rng_states_survive_a_safe_checkpoint():
+    """What a runner needs to resume exactly (torch, NumPy and Python RNG states) goes
+    through ``checkpoint_payload`` and ``weights_only=True`` and restores the same draws."""
+    import io
+    import random
+
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    buf = io.BytesIO()
+    torch.save(checkpoint_payload({"runner_state": states}), buf)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    back = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)["runner_state"]
+    torch.set_rng_state(back["torch"])
+    name, keys, pos, has_gauss, cached = back["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    random.setstate((back["python"][0], tuple(back["python"][1]), back["python"][2]))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
