@@ -38,6 +38,7 @@ def run_config(
             "model", config, image_dim=stream.image_dim, text_dim=stream.text_dim, num_classes=stream.num_classes
         )
 
+    need = estimate_run_bytes(model_factory(), stream)  # also: a bad model config fails here, before any output
     root = Path(output_dir)
     if int(os.environ.get("RANK", "0")) != 0:
         # Data-parallel workers write nothing and take no lock (rank 0 holds it); they
@@ -49,7 +50,7 @@ def run_config(
         run_guard.clean_temporaries(root)
         run_guard.recover(root)  # what an interrupted --overwrite run replaced is back
         status = run_guard.check_new_run(root, resume, overwrite, locked=True)  # again, now that no one else writes
-        run_guard.check_free_space(root, estimate_run_bytes(model_factory(), stream))
+        run_guard.check_free_space(root, need)
         replacing = overwrite and status != "empty"
         if replacing:
             run_guard.set_aside(root)
