@@ -29,18 +29,40 @@ def default_output_dir(config_file: str | Path) -> Path:
     return Path("outputs") / p.parent.name / p.stem
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``main.py train: error: ...; see --help``)
+    and exit code 2, as every other refusal of the command line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class Once(argparse.Action):
+    """A flag that may be given once: a second one is refused instead of silently winning."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            raise argparse.ArgumentError(self, "given twice; give it once" + (
+                " with all values after it" if self.nargs not in (None, "?") else ""))
+        setattr(namespace, self.dest, values)
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config-file", required=True, metavar="FILE",
+    parser.add_argument("--config-file", required=True, metavar="FILE", action=Once,
                         help="YAML config with dataset / model / optimizer / [scheduler] / runner blocks, "
                              "e.g. configs/CASH/demo.yaml")
-    parser.add_argument("--output-dir", metavar="DIR",
+    parser.add_argument("--output-dir", metavar="DIR", action=Once,
                         help="where config.yaml, train.log, tensorboard/, checkpoints/, codes.npz, results.json "
-                             "and results.csv go (default: outputs/<METHOD>/<config name>)")
+                             "and results.csv go (default: outputs/<METHOD>/<config name>); a folder holding a "
+                             "run is only continued with --resume or replaced with --overwrite")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config keys, values parsed as YAML, e.g. --set runner.epochs=5 model.bits=32")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir after its last finished task (same config required); "
                              "the results equal those of an uninterrupted run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in --output-dir; the old run is kept until the new one has finished "
+                             "and is restored if the new one fails")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines on the console")
 
 
@@ -48,11 +70,14 @@ def run_train(args: argparse.Namespace) -> int:
     from runners.experiment import format_results, run_config
     from runners.config import load_config
 
+    if args.output_dir is not None and not args.output_dir.strip():
+        raise UserError("--output-dir: empty; give a directory, or leave the flag out for the default "
+                        f"({default_output_dir(args.config_file)})")
     config = load_config(args.config_file, args.overrides)
     if args.quiet:
         config["runner"]["progress"] = False
     out = Path(args.output_dir) if args.output_dir else default_output_dir(args.config_file)
-    results = run_config(config, out, resume=args.resume, quiet=args.quiet)
+    results = run_config(config, out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         print(format_results(results))
         print(f"\nresults: {out / 'results.json'}")
@@ -66,7 +91,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="main.py",
         description="Continual cross-modal hashing: train, evaluate and compare hashing methods on "
                     "image/text features over a stream of tasks. Without a command, 'train' is assumed: "
@@ -116,7 +141,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the last finished task is checkpointed; continue with --resume", file=sys.stderr)
+        if getattr(args, "overwrite", False):
+            print("interrupted: the run it was to replace is restored", file=sys.stderr)
+        else:
+            print("interrupted: the last finished task is checkpointed; continue with --resume", file=sys.stderr)
         return 130
 
 

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from utils.errors import DataError
+
 
 @dataclass(frozen=True)
 class FeatureSet:
@@ -136,6 +138,10 @@ class TaskStream:
             raise ValueError(f"task stream '{self.name}' has no tasks")
         first = self.tasks[0].train
         for task in self.tasks:
+            for split in ("train", "query", "database"):  # val may be empty: no epoch selection then
+                if len(getattr(task, split)) == 0:
+                    raise DataError(f"task stream '{self.name}': task {task.index + 1} ({task.name}): the {split} "
+                                    "split is empty (0 samples); every task needs train, query and database samples")
             for split in ("train", "val", "query", "database"):
                 fs: FeatureSet = getattr(task, split)
                 if (fs.image.shape[1], fs.text.shape[1], fs.labels.shape[1]) != (

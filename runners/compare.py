@@ -38,14 +38,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from runners.outputs import without_display_keys
 from runners.results import RunResults
+from runners.run_guard import run_status
 from runners.seed_stats import PairedDifference, Spread, paired_difference, spread
-from utils.errors import DataError
+from utils.errors import DataError, OutputError, UserError
 from utils.io import atomic_write_bytes, atomic_write_text
 
 DIRECTIONS = (("i2t", "image -> text"), ("t2i", "text -> image"))
-# Config keys that change how a run looks, not what it computes.
-NEUTRAL_KEYS = (("runner", "progress"),)
 SUMMARY_KEYS = ("acc", "avg_incremental", "bwt", "forgetting", "fwt")
 
 
@@ -124,8 +124,10 @@ PAIRED_FIGURES = ["acc_i2t", "acc_t2i", "bwt_i2t", "bwt_t2i", "agnostic_i2t", "a
 
 # ====================================================================== command line
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config-file", dest="config_files", nargs="+", required=True, metavar="FILE",
-                        help="YAML configs to run side by side, e.g. configs/DSPH/demo.yaml configs/DCMHT/demo.yaml")
+    parser.add_argument("--config-file", dest="config_files", nargs="+", action="extend", required=True,
+                        metavar="FILE",
+                        help="YAML configs to run side by side, e.g. configs/DSPH/demo.yaml configs/DCMHT/demo.yaml "
+                             "(a second --config-file adds to the list)")
     parser.add_argument("--output-dir", default="outputs/compare", metavar="DIR",
                         help="where comparison.md, comparison.csv, runs.csv, paired.csv, the PNG plots and "
                              "runs/<METHOD>_<config>/ go (default: outputs/compare)")
@@ -142,6 +144,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="keep runs in DIR/runs/ whose results.json is finished and whose config equals the "
                              "requested one; resume unfinished ones with the same config; run the rest")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace runs in DIR/runs/ that are not reused (each old run is kept until its "
+                             "new one has finished); without it such a run is refused before anything runs")
     parser.add_argument("--quiet", action="store_true", help="no log lines from the runs on the console")
 
 
@@ -154,11 +159,11 @@ class PlannedRun:
     seed: Optional[int]
     config: Dict[str, Any]
     run_dir: Path
-    action: str = "run"   # run | resume | reuse
+    action: str = "run"   # run | resume | reuse | overwrite
 
 
 def plan_runs(files: Sequence[str], overrides: Sequence[str], seeds: Optional[Sequence[int]], out: Path,
-              reuse: bool, quiet: bool) -> List[PlannedRun]:
+              reuse: bool, quiet: bool, overwrite: bool = False) -> List[PlannedRun]:
     """Read and validate every config (nothing runs before all are valid) and decide, per
     config and seed, where it runs and whether a finished run is reused."""
     from runners.config import load_config
@@ -179,11 +184,7 @@ def plan_runs(files: Sequence[str], overrides: Sequence[str], seeds: Optional[Se
                 cfg["runner"]["seed"] = seed
             prepare(cfg, source=path)   # the runner and dataset accept their values
             run_dir = out / "runs" / name / f"seed_{seed}" if seed is not None else out / "runs" / name
-            action = "run"
-            if reuse:
-                status = reusable(run_dir, cfg)
-                action = {"finished": "reuse", "unfinished": "resume"}.get(status, "run")
-            planned.append(PlannedRun(name, path, seed, cfg, run_dir, action))
+            planned.append(PlannedRun(name, path, seed, cfg, run_dir, plan_run(run_dir, cfg, reuse, overwrite)))
     return planned
 
 
@@ -205,7 +206,8 @@ def execute(planned: Sequence[PlannedRun], jobs: int = 1, quiet: bool = False) -
 
         for i in todo:
             p = planned[i]
-            results[i] = run_config(p.config, p.run_dir, resume=p.action == "resume", quiet=quiet)
+            results[i] = run_config(p.config, p.run_dir, resume=p.action == "resume", quiet=quiet,
+                                    overwrite=p.action == "overwrite")
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -215,14 +217,14 @@ def execute(planned: Sequence[PlannedRun], jobs: int = 1, quiet: bool = False) -
         context = multiprocessing.get_context("spawn")   # a clean interpreter per worker, on every platform
         with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
             futures = {i: pool.submit(_run_in_worker, planned[i].config, str(planned[i].run_dir),
-                                      planned[i].action == "resume", torch.get_num_threads()) for i in todo}
+                                      planned[i].action, torch.get_num_threads()) for i in todo}
             for i, future in futures.items():
                 results[i] = RunResults.from_dict(future.result())
     return [ComparedRun("", p.slug, p.config_file, p.run_dir, results[i], p.action == "reuse", p.seed)
             for i, p in enumerate(planned)]
 
 
-def _run_in_worker(config: Dict[str, Any], run_dir: str, resume: bool, threads: int) -> Dict[str, Any]:
+def _run_in_worker(config: Dict[str, Any], run_dir: str, action: str, threads: int) -> Dict[str, Any]:
     """One run in a worker process, with the parent's thread count (so its numbers equal
     a serial run's); returns the results as plain data."""
     import torch
@@ -232,18 +234,20 @@ def _run_in_worker(config: Dict[str, Any], run_dir: str, resume: bool, threads: 
     from runners.experiment import run_config
 
     torch.set_num_threads(threads)
-    return run_config(config, run_dir, resume=resume, quiet=True).to_dict()
+    return run_config(config, run_dir, resume=action == "resume", quiet=True, overwrite=action == "overwrite").to_dict()
 
 
 def run_compare(args: argparse.Namespace) -> int:
     """Run or reuse every config and seed, then write the tables and the plots; returns 0."""
+    if not str(args.output_dir).strip():
+        raise UserError("--output-dir: empty; give a directory, or leave the flag out for outputs/compare")
     out = Path(args.output_dir)
     quiet = bool(getattr(args, "quiet", False))
     jobs = getattr(args, "jobs", 1)
     if jobs < 1:
         raise DataError(f"--jobs: expected a positive number of worker processes, got {jobs}")
     planned = plan_runs(list(args.config_files), list(args.overrides or []), getattr(args, "seeds", None), out,
-                        bool(args.reuse), quiet)
+                        bool(args.reuse), quiet, bool(getattr(args, "overwrite", False)))
     runs = execute(planned, jobs, quiet)
     groups = group_runs(runs)
     reference = pick_reference(groups, getattr(args, "reference", None))
@@ -301,12 +305,23 @@ def pick_reference(groups: Sequence[ComparedConfig], wanted: Optional[str]) -> C
 
 
 # ====================================================================== reuse
-def _neutral(config: Dict[str, Any]) -> Dict[str, Any]:
-    cfg = copy.deepcopy(config)
-    for block, key in NEUTRAL_KEYS:
-        if isinstance(cfg.get(block), dict):
-            cfg[block].pop(key, None)
-    return cfg
+def plan_run(run_dir: Path, config: Dict[str, Any], reuse: bool, overwrite: bool) -> str:
+    """``reuse``, ``resume``, ``run`` (nothing there) or ``overwrite``; a folder holding
+    a run that is neither reused nor resumed is an OutputError unless ``overwrite``."""
+    if reuse:
+        status = reusable(run_dir, config)
+        if status == "finished":
+            return "reuse"
+        if status == "unfinished":
+            return "resume"
+    held = run_status(run_dir) if run_dir.is_dir() else "empty"
+    if held == "empty":
+        return "run"
+    if overwrite:
+        return "overwrite"
+    why = " with another config" if reuse else ""
+    raise OutputError(f"{run_dir}: holds a{'n unfinished' if held == 'unfinished' else ' finished'} run{why}; "
+                      "use --overwrite to replace it" + ("" if reuse else ", or --reuse to keep it"))
 
 
 def stored_config(run_dir: Path, results: Optional[RunResults] = None) -> Optional[Dict[str, Any]]:
@@ -347,7 +362,7 @@ def reusable(run_dir: Path, config: Dict[str, Any]) -> str:
     except DataError:
         return "no"
     stored = stored_config(run_dir, results)
-    if stored is None or _neutral(stored) != _neutral(config):
+    if stored is None or without_display_keys(stored) != without_display_keys(config):
         return "no"
     if results.finished:
         return "finished"

@@ -18,6 +18,7 @@ from runners.evaluation import encode_codes
 from runners.experiment import load_run
 from runners.config import build
 from utils.io import atomic_write_json
+from utils.seed import resolve_device
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also report precision@N for these N")
     parser.add_argument("--pr-curve", action="store_true", help="also report precision / recall by Hamming radius")
     parser.add_argument("--output", metavar="FILE.json", help="write the figures to this JSON file (atomically)")
-    parser.add_argument("--device", default="cpu", help="device to encode queries on (cpu, cuda, cuda:N)")
+    parser.add_argument("--device", default="cpu", help="device to encode queries on (cpu, cuda, cuda:N, auto)")
 
 
 def _direction_inputs(codes: Dict[str, torch.Tensor], entries) -> Dict[str, tuple]:
@@ -63,9 +64,9 @@ def score_queries(codes, labels, entries, args) -> Dict[str, Any]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    run = load_run(args.run_dir, task=args.task, device=args.device)
+    device = resolve_device(args.device, key="--device")  # before reading anything: one line if absent
+    run = load_run(args.run_dir, task=args.task, device=str(device))
     stream = build("dataset", run.config).load()
-    device = torch.device(args.device)
     metric = "mAP@all" if args.topk is None else f"mAP@{args.topk}"
     report: Dict[str, Any] = {
         "run_dir": str(Path(args.run_dir)), "after_task": run.task, "metric": metric, "ties": args.ties,

@@ -1,20 +1,22 @@
-"""One experiment from a resolved config (build dataset, model factory and runner, run),
-and a finished run loaded back.
+"""One experiment from a resolved config (build dataset, model factory and runner, run
+it in a guarded output directory), and a finished run loaded back.
 
 The CLI, the comparison command and the tests all go through ``prepare`` / ``run_config``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from common.code_store import CodeStore
+from runners import run_guard
 from runners.config import build, validate_config
 from runners.continual import OptimSpec
-from runners.outputs import RunOutput
+from runners.outputs import RunOutput, read_checkpoint, write_results
 from runners.results import DIRECTIONS, RunResults
-from utils.errors import DataError
+from utils.errors import DataError, OutputError
 
 
 @dataclass
@@ -27,16 +29,55 @@ class Experiment:
     dataset: Any
     runner: Any
 
-    def run(self, output_dir: str | Path, resume: bool = False, quiet: bool = False) -> RunResults:
-        """Load the data, train and evaluate; writes ``output_dir`` and returns the results."""
-        config = self.config
+    def run(self, output_dir: str | Path, resume: bool = False, quiet: bool = False,
+            overwrite: bool = False) -> RunResults:
+        """Load the data, train and evaluate into ``output_dir``; returns the results.
+
+        A run already there is continued only with ``resume`` and replaced only with
+        ``overwrite`` (and then kept until the new run has finished); one writer at a
+        time holds the directory's lock (``runners.run_guard``)."""
         stream = self.dataset.load()  # a missing or corrupt data file fails here, before any output
+        config = self.config
 
         def model_factory():
             return build("model", config, image_dim=stream.image_dim, text_dim=stream.text_dim,
                          num_classes=stream.num_classes)
 
-        output = RunOutput(output_dir, config, tensorboard=getattr(self.runner, "tensorboard", True), quiet=quiet)
+        need = estimate_run_bytes(model_factory(), stream, self.runner)  # a bad model config fails here too
+        root = Path(output_dir)
+        if int(os.environ.get("RANK", "0")) != 0:
+            # Data-parallel workers write nothing and take no lock (rank 0 holds it); they
+            # judge the folder as rank 0 does, so that they refuse what it refuses.
+            run_guard.check_new_run(root, resume, overwrite, locked=True)
+            return self._train(stream, model_factory, root, resume, quiet)
+        run_guard.check_new_run(root, resume, overwrite)  # refused before the directory is even created
+        with run_guard.RunLock(root):
+            run_guard.clean_temporaries(root)
+            run_guard.recover(root)  # what an interrupted --overwrite run replaced is back
+            status = run_guard.check_new_run(root, resume, overwrite, locked=True)  # again, now that no one else writes
+            run_guard.check_free_space(root, need)
+            replacing = overwrite and status != "empty"
+            if replacing:
+                run_guard.set_aside(root)
+            try:
+                results = self._train(stream, model_factory, root, resume, quiet)
+            except BaseException as exc:
+                if replacing:
+                    run_guard.put_back(root)
+                if isinstance(exc, OutputError):
+                    kept = ("the run it was to replace is restored" if replacing else
+                            "the last finished task is checkpointed: fix it and continue with --resume")
+                    raise OutputError(f"{exc}; {kept}") from None
+                raise
+            if results.status == "finished" and run_guard.run_status(root) != "finished":
+                write_results(root, results)  # killed after the final last.pt, before its results.json
+            if replacing:
+                run_guard.discard_aside(root)
+        return results
+
+    def _train(self, stream, model_factory, root: Path, resume: bool, quiet: bool) -> RunResults:
+        config = self.config
+        output = RunOutput(root, config, tensorboard=getattr(self.runner, "tensorboard", True), quiet=quiet)
         try:
             return self.runner.run(
                 stream, model_factory,
@@ -48,17 +89,40 @@ class Experiment:
 
 
 def prepare(config: Dict[str, Any], source: str = "config") -> Experiment:
-    """Validate ``config`` (in place) and build its dataset and runner objects."""
+    """Validate ``config`` (in place) and build its dataset and runner objects; the
+    optimiser and schedule blocks are built once on a stand-in parameter, so a value they
+    refuse (a negative learning rate, betas out of range, a bad warm-up) is refused
+    before anything runs."""
+    import torch
+
     validate_config(config, source=source)
+    optimizer = build("optimizer", config, params=[torch.nn.Parameter(torch.zeros(1))])
+    if config.get("scheduler"):
+        build("scheduler", config, optimizer=optimizer, total_steps=1, steps_per_epoch=1)
     return Experiment(config, build("dataset", config), build("runner", config))
 
 
 def run_config(
-    config: Dict[str, Any], output_dir: str | Path, resume: bool = False, quiet: bool = False
+    config: Dict[str, Any], output_dir: str | Path, resume: bool = False, quiet: bool = False,
+    overwrite: bool = False,
 ) -> RunResults:
     """Run the experiment ``config`` describes; writes ``output_dir`` and returns the
     results (the content of results.json)."""
-    return prepare(config).run(output_dir, resume=resume, quiet=quiet)
+    return prepare(config).run(output_dir, resume=resume, quiet=quiet, overwrite=overwrite)
+
+
+def estimate_run_bytes(model, stream, runner: Any = None) -> int:
+    """About what a run writes at most: the resume checkpoint and, with
+    ``keep_task_checkpoints``, one per task (twice the model's size each, for models
+    that grow), and its stored codes (one byte per bit, counted twice: codes.npz and
+    last.pt), with room for the temporary copy of the largest file while it is written
+    atomically."""
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    bits = int(getattr(model, "bits", 64) or 64)
+    codes = sum(len(task.database) for task in stream.tasks) * 2 * bits
+    per_task = len(stream) if getattr(runner, "keep_task_checkpoints", True) else 0
+    checkpoints = 2 * model_bytes * (per_task + 1)
+    return checkpoints + 2 * codes + (2 * model_bytes + codes) + (1 << 20)
 
 
 @dataclass
@@ -77,26 +141,18 @@ def load_run(run_dir: str | Path, task: Optional[int] = None, device: str = "cpu
     """Rebuild the model of ``run_dir`` after ``task`` (1-based; default: the last
     finished task) with the stored database codes, in eval mode, for evaluation,
     export and search."""
-    import torch
-
     root = Path(run_dir)
     last = root / "checkpoints" / "last.pt"
     if not last.is_file():
         raise DataError(f"{root}: not a run directory (expected checkpoints/last.pt written by 'python main.py train')")
-    try:
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        if task is not None and task != ckpt["next_task"]:
-            path = root / "checkpoints" / f"task_{task}.pt"
-            if not path.is_file():
-                raise DataError(f"{path}: no checkpoint for task {task} (finished tasks: 1..{ckpt['next_task']}; "
-                                f"a run keeps one per task with runner.keep_task_checkpoints=true)")
-            model_ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        else:
-            model_ckpt = ckpt
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"{last}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
+    ckpt = read_checkpoint(last, "resume")
+    model_ckpt = ckpt
+    if task is not None and task != ckpt["next_task"]:
+        path = root / "checkpoints" / f"task_{task}.pt"
+        if not path.is_file():
+            raise DataError(f"{path}: no checkpoint for task {task} (finished tasks: 1..{ckpt['next_task']}; "
+                            f"a run keeps one per task with runner.keep_task_checkpoints=true)")
+        model_ckpt = read_checkpoint(path, "task")
     config = ckpt["config"]
     validate_config(config, source=str(root / "config.yaml"))
     model = build("model", config, **ckpt["dims"])

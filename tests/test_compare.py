@@ -47,7 +47,7 @@ def place(out_dir, name, results):
     atomic_write_json(Path(out_dir) / "runs" / name / "results.json", results)
 
 
-def args_for(files, out, overrides=(), reuse=True):
+def args_for(files, out, overrides=(), reuse=True, overwrite=False):
     parser = argparse.ArgumentParser()
     add_compare_arguments(parser)
     argv = ["--config-file", *files, "--output-dir", str(out), "--quiet"]
@@ -55,6 +55,8 @@ def args_for(files, out, overrides=(), reuse=True):
         argv += ["--set", *overrides]
     if reuse:
         argv.append("--reuse")
+    if overwrite:
+        argv.append("--overwrite")
     return parser.parse_args(argv)
 
 
@@ -65,8 +67,8 @@ def no_training(monkeypatch):
 
     calls = []
 
-    def fake_run_config(config, output_dir, resume=False, quiet=False):
-        calls.append({"config": config, "dir": Path(output_dir), "resume": resume})
+    def fake_run_config(config, output_dir, resume=False, quiet=False, overwrite=False):
+        calls.append({"config": config, "dir": Path(output_dir), "resume": resume, "overwrite": overwrite})
         res = fake_results(config["model"]["name"], config, offset=-0.2 + 0.01 * config["runner"]["seed"])
         res["seed"] = config["runner"]["seed"]
         atomic_write_json(Path(output_dir) / "results.json", res)
@@ -116,16 +118,22 @@ def test_changed_config_runs_again_and_unfinished_resumes(tmp_path, no_training)
     place(out, "DSPH_demo", fake_results("DSPH", dsph))
     assert reusable(out / "runs" / "DSPH_demo", load_config(DSPH, ["runner.epochs=3"])) == "no"
     assert reusable(out / "runs" / "DSPH_demo", load_config(DSPH, ["runner.progress=false"])) == "finished"
-    run_compare(args_for([DSPH], out, overrides=["runner.epochs=3"]))
+    # a run with another config is there: refused unless --overwrite, before anything runs
+    with pytest.raises(compare.OutputError, match="DSPH_demo: holds an unfinished run with another config; use --overwrite"):
+        run_compare(args_for([DCMHT, DSPH], out, overrides=["runner.epochs=3"]))
+    assert no_training == []
+    run_compare(args_for([DSPH], out, overrides=["runner.epochs=3"], overwrite=True))
     assert len(no_training) == 1 and no_training[0]["config"]["runner"]["epochs"] == 3
-    assert not no_training[0]["resume"]
+    assert not no_training[0]["resume"] and no_training[0]["overwrite"]
 
     place(out, "DSPH_demo", fake_results("DSPH", dsph, status="running"))
     run_compare(args_for([DSPH], out))
     assert len(no_training) == 2 and no_training[1]["resume"]
-    # without --reuse everything runs afresh
-    run_compare(args_for([DSPH], out, reuse=False))
-    assert len(no_training) == 3 and not no_training[2]["resume"]
+    # without --reuse a run that is there is refused; with --overwrite it runs afresh
+    with pytest.raises(compare.OutputError, match="or --reuse to keep it"):
+        run_compare(args_for([DSPH], out, reuse=False))
+    run_compare(args_for([DSPH], out, reuse=False, overwrite=True))
+    assert len(no_training) == 3 and not no_training[2]["resume"] and no_training[2]["overwrite"]
 
 
 def test_same_method_twice_gets_distinct_names_and_labels(tmp_path, no_training):

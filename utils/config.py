@@ -21,13 +21,44 @@ from utils.errors import ConfigError
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML
+    keeps the last silently); keys brought in by a ``<<`` merge may be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: Dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise ConfigError(f"key {key!r} written twice (lines {seen[key]} and {line}); keep one")
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the base loader reports it
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def load_yaml(path: str | Path) -> Dict[str, Any]:
     """Read a YAML mapping from ``path``; any problem is a one-line ConfigError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: config file not found (expected a YAML file, e.g. configs/CASH/demo.yaml)")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; expected a YAML config file, e.g. configs/CASH/demo.yaml")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a regular file (a device or pipe); expected a YAML config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _safe_load(path.read_text(encoding="utf-8"))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -35,6 +66,8 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file (expected YAML)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -51,7 +84,9 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     if not key.strip() or any(not p or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", p) for p in parts):
         raise ConfigError(f"--set {text!r}: {key!r} is not a dotted key like model.bits")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _safe_load(raw) if raw.strip() else None
+    except ConfigError as exc:
+        raise ConfigError(f"--set {text!r}: {exc}") from None
     except yaml.YAMLError:
         raise ConfigError(f"--set {text!r}: the value {raw!r} is not valid YAML") from None
     return parts, value

@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data directory, file or array is missing, corrupt or of the wrong shape."""
+
+
+class OutputError(UserError):
+    """An output directory or file cannot be used: in use, not writable, full, or not a directory."""
