@@ -59,6 +59,12 @@ class HashModel(nn.Module):
     def begin_task(self, task: "Task", task_index: int) -> None:
         """Called before training on ``task``: add prompts, heads, bits, buffers."""
 
+    def fit(self, task: "Task", task_index: int) -> None:
+        """Called once per task, after ``begin_task`` and before the training epochs: a
+        closed-form model computes its solution here from ``task.train`` (and whatever
+        statistics it kept). Gradient-trained models leave it empty. A model with no
+        trainable parameters gets no optimiser and no epochs."""
+
     def begin_epoch(self, task: "Task", task_index: int, epoch: int) -> None:
         """Called at the start of every training epoch (e.g. to refresh code buffers)."""
 

@@ -163,6 +163,7 @@ class ContinualRunner:
             model.to(device)
             state["bits"].append(model.bits)
             t0 = time.perf_counter()
+            model.fit(train_task, code_task)  # the closed-form hook: once per task, before the epochs
             val_info = self._train_task(model, train_task, code_task, optim, output, t)
             train_s = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -190,6 +191,8 @@ class ContinualRunner:
     ) -> Dict[str, Any]:
         """Train on ``task.train``; keep the best epoch on ``task.val``; returns val info."""
         n = len(task.train)
+        if not any(p.requires_grad for p in model.parameters()):  # closed-form model: fitted by fit(), no optimiser
+            return {"best_epoch": None, "best_score": None, "history": []}
         steps_per_epoch = max(1, math.ceil(n / self.batch_size))
         optimizers, scheduler = build_optimizers(
             model.param_groups(task_index), optim.optimizer, optim.scheduler,

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import yaml
 
-from common.register import DATASETS, MODELS, OPTIMIZERS, RUNNERS, Registry, RegistryError
+from common.register import DATASETS, MODELS, OPTIMIZERS, RUNNERS, NestedBlock, Registry, RegistryError
 from utils.errors import ConfigError
 
 # The blocks a config may hold, the registry each names, and whether it is required.
@@ -111,13 +111,15 @@ def signature_params(target: Callable) -> Dict[str, inspect.Parameter]:
 def _type_hints(target: Callable) -> Dict[str, Any]:
     fn = target.__init__ if inspect.isclass(target) else target
     try:
-        return typing.get_type_hints(fn)
+        return typing.get_type_hints(fn, include_extras=True)  # keeps NestedBlock markers
     except Exception:  # unresolvable annotations: accept any value rather than crash
         return {}
 
 
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _describe(typing.get_args(tp)[0])
     if tp is type(None):
         return "null"
     if origin is typing.Literal:
@@ -137,6 +139,8 @@ def check_value(value: Any, tp: Any) -> Tuple[bool, Any]:
     if tp is Any or tp is inspect.Parameter.empty:
         return True, value
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return check_value(value, typing.get_args(tp)[0])
     if origin is typing.Union:
         for arg in typing.get_args(tp):
             ok, coerced = check_value(value, arg)
@@ -197,6 +201,10 @@ def check_kwargs(target: Callable, kwargs: Mapping[str, Any], path: str, skip: S
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{path}.{key}: unknown key{hint}; known: {', '.join(known) or '(none)'}")
         tp = hints.get(key, params[key].annotation)
+        nested = nested_marker(tp)
+        if nested is not None:
+            out[key] = check_nested(value, nested, f"{path}.{key}")
+            continue
         ok, coerced = check_value(value, tp)
         if not ok:
             raise ConfigError(
@@ -209,6 +217,28 @@ def check_kwargs(target: Callable, kwargs: Mapping[str, Any], path: str, skip: S
         if param.default is inspect.Parameter.empty:
             raise ConfigError(f"{path}.{name}: required key missing ({_describe(hints.get(name, Any))})")
     return out
+
+
+def nested_marker(tp: Any) -> NestedBlock | None:
+    """The NestedBlock marker of an ``Annotated[..., NestedBlock(...)]`` hint, if any."""
+    if typing.get_origin(tp) is typing.Annotated:
+        return next((m for m in typing.get_args(tp)[1:] if isinstance(m, NestedBlock)), None)
+    return None
+
+
+def check_nested(spec: Any, marker: NestedBlock, path: str) -> Dict[str, Any]:
+    """Validate a nested ``{name: ..., **kwargs}`` block at ``path`` (recursively, so a
+    wrapper may wrap a wrapper); returns it with coerced values."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a block with a 'name' key, got {type(spec).__name__}")
+    if "name" not in spec:
+        raise ConfigError(f"{path}.name: required key missing (one of: {', '.join(marker.registry.names())})")
+    try:
+        target = marker.registry.get(spec["name"])
+    except RegistryError as exc:
+        raise ConfigError(f"{path}.name: {exc}") from None
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    return {"name": spec["name"], **check_kwargs(target, kwargs, path, skip=marker.injected)}
 
 
 def block_target(block: str, spec: Any, source: str) -> Tuple[Callable, Dict[str, Any]]:
