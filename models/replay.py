@@ -76,9 +76,9 @@ class Replay(StrategyWrapper):
 
     def end_task(self, task, task_index: int, store) -> None:
         super().end_task(task, task_index, store)
-        seen = sorted(set(self.memory_task.tolist()) | {task_index})
-        quota = self.memory // len(seen)
-        keep = torch.cat([torch.flatnonzero(self.memory_task == t)[:quota] for t in seen[:-1]]
+        earlier = sorted(set(self.memory_task.tolist()) - {task_index})
+        quota = self.memory // (len(earlier) + 1)
+        keep = torch.cat([(self.memory_task == t).nonzero().flatten()[:quota] for t in earlier]
                          + [torch.zeros(0, dtype=torch.long, device=self.memory_task.device)])
         train = task.train
         gen = torch.Generator().manual_seed(self.seed * 100_003 + task_index)
