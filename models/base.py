@@ -42,7 +42,9 @@ class HashModel(nn.Module):
 
     Subclasses build their layers in ``__init__`` (no data access, no training there)
     and override ``loss`` and ``encode_image`` / ``encode_text``; continual methods also
-    override the task hooks. ``bits`` is the code length currently in force; a model
+    override the task hooks; a closed-form model overrides ``fit`` and keeps no
+    trainable parameter. A generic strategy (replay, distillation) is a HashModel that
+    holds a base model (``models/strategy.py``). ``bits`` is the code length currently in force; a model
     that grows its code (PBEH) updates it in ``begin_task``.
     """
 
