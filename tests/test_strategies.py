@@ -13,7 +13,7 @@ from models.base import sign_codes
 from runners.experiment import load_run, run_config
 from utils.config import build, validate_config
 from utils.errors import ConfigError
-from tests.hash_model_checks import finish_task, task_steps
+from hash_model_checks import finish_task, task_steps
 
 # Three tasks of disjoint single-label classes whose prototypes share 4 groups across
 # the tasks: a sequential model that fits task 3 overwrites what tasks 1 and 2 taught.
