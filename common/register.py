@@ -7,7 +7,8 @@ therefore fills every registry and runs nothing else.
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Dict, Iterator, List, TypeVar
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Tuple, TypeVar
 
 T = TypeVar("T")
 
@@ -67,6 +68,18 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
+
+
+@dataclass(frozen=True)
+class NestedBlock:
+    """Marks a constructor argument as a nested ``{name: ..., **kwargs}`` block of
+    ``registry``, e.g. ``base: Annotated[Dict[str, Any], NestedBlock(MODELS, (...))]``
+    for a model that wraps a model. The config checker validates such a block like a
+    top-level one (dotted path ``model.base.key``); ``injected`` are the arguments the
+    wrapping class passes itself, which the block may not set."""
+
+    registry: Registry
+    injected: Tuple[str, ...] = ()
 
 
 MODELS = Registry("model")

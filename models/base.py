@@ -42,7 +42,9 @@ class HashModel(nn.Module):
 
     Subclasses build their layers in ``__init__`` (no data access, no training there)
     and override ``loss`` and ``encode_image`` / ``encode_text``; continual methods also
-    override the task hooks. ``bits`` is the code length currently in force; a model
+    override the task hooks; a closed-form model overrides ``fit`` and keeps no
+    trainable parameter. A generic strategy (replay, distillation) is a HashModel that
+    holds a base model (``models/strategy.py``). ``bits`` is the code length currently in force; a model
     that grows its code (PBEH) updates it in ``begin_task``.
     """
 
@@ -58,6 +60,12 @@ class HashModel(nn.Module):
     # ------------------------------------------------------------------ task hooks
     def begin_task(self, task: "Task", task_index: int) -> None:
         """Called before training on ``task``: add prompts, heads, bits, buffers."""
+
+    def fit(self, task: "Task", task_index: int) -> None:
+        """Called once per task, after ``begin_task`` and before the training epochs: a
+        closed-form model computes its solution here from ``task.train`` (and whatever
+        statistics it kept). Gradient-trained models leave it empty. A model with no
+        trainable parameters gets no optimiser and no epochs."""
 
     def begin_epoch(self, task: "Task", task_index: int, epoch: int) -> None:
         """Called at the start of every training epoch (e.g. to refresh code buffers)."""

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Sequence, Tuple
 
 import yaml
 
-from common.register import DATASETS, MODELS, OPTIMIZERS, RUNNERS, SCHEDULERS, Registry, RegistryError
+from common.register import DATASETS, MODELS, OPTIMIZERS, RUNNERS, SCHEDULERS, NestedBlock, Registry, RegistryError
 from utils.config import apply_overrides, check_kwargs, load_yaml_tree
 from utils.errors import ConfigError
 
@@ -43,7 +43,10 @@ BLOCKS: Dict[str, BlockKind] = {
 
 def block_target(kind: str, spec: Any, path: str) -> Tuple[Callable, Dict[str, Any]]:
     """The registered callable and the keyword arguments of one block at ``path``."""
-    registry = BLOCKS[kind].registry
+    return _target(BLOCKS[kind].registry, spec, path)
+
+
+def _target(registry: Registry, spec: Any, path: str) -> Tuple[Callable, Dict[str, Any]]:
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: expected a block with a 'name' key, got {type(spec).__name__}")
     if "name" not in spec:
@@ -58,9 +61,22 @@ def block_target(kind: str, spec: Any, path: str) -> Tuple[Callable, Dict[str, A
 def validate_block(kind: str, spec: Any, path: str) -> Dict[str, Any]:
     """``spec`` checked against the signature of what it names; returns a coerced copy
     (e.g. ``1e-5`` read as a string becomes a float)."""
-    target, kwargs = block_target(kind, spec, path)
-    coerced = check_kwargs(target, kwargs, path, skip=BLOCKS[kind].injected)
+    return _validate(BLOCKS[kind].registry, BLOCKS[kind].injected, spec, path)
+
+
+def _validate(registry: Registry, injected: Sequence[str], spec: Any, path: str) -> Dict[str, Any]:
+    target, kwargs = _target(registry, spec, path)
+    coerced = check_kwargs(target, kwargs, path, skip=injected, annotated=_nested_block)
     return {"name": spec["name"], **coerced}
+
+
+def _nested_block(extras: Tuple[Any, ...], value: Any, path: str) -> Any:
+    """A key marked ``Annotated[..., NestedBlock(registry, injected)]`` (e.g. the ``base``
+    model a strategy wraps) is validated like a top-level block, at its dotted path."""
+    marker = next((m for m in extras if isinstance(m, NestedBlock)), None)
+    if marker is None:
+        return NotImplemented
+    return _validate(marker.registry, marker.injected, value, path)
 
 
 def build_block(kind: str, spec: Any, path: str, **injected: Any) -> Any:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from common.calc_utils import calc_map_k, continual_summary
 from common.code_store import CodeStore
+from common.collapse import code_collapse
 from common.register import RUNNERS
 from dataset.feature_set import FeatureSet, Task, TaskStream
 from models.base import Batch, HashModel
@@ -208,10 +209,11 @@ class ContinualRunner:
             model.to(device)
             results.bits.append(model.bits)
             t0 = time.perf_counter()
+            model.fit(plan.train_task, plan.code_task)  # closed-form models: once per task, before the epochs
             val_info = self.fit_task(model, plan.train_task, plan.code_task, optim, output, t)
             train_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            self._evaluate_after(model, tasks, t, plan, store, results)
+            self._evaluate_after(model, tasks, t, plan, store, results, output)
             eval_s = time.perf_counter() - t0
             model.end_task(plan.train_task, plan.code_task, store)
             results.val.append(val_info)
@@ -255,7 +257,7 @@ class ContinualRunner:
         """Train ``self.epochs`` epochs on ``task.train``; keep the best epoch on
         ``task.val``; returns the validation record of the task."""
         history: List[Dict[str, float]] = []
-        if self.epochs == 0:
+        if self.epochs == 0 or not any(p.requires_grad for p in model.parameters()):  # closed form: fit() did it
             return {"best_epoch": None, "best_score": None, "history": history}
         opt = self.task_optim(model, task_index, len(task.train), optim)
         gen = torch.Generator().manual_seed(task_seed(self.seed, t))
@@ -427,7 +429,8 @@ class ContinualRunner:
 
     # ================================================================== evaluation
     def _evaluate_after(
-        self, model: HashModel, tasks: List[Task], t: int, plan: TaskPlan, store: CodeStore, results: RunResults
+        self, model: HashModel, tasks: List[Task], t: int, plan: TaskPlan, store: CodeStore, results: RunResults,
+        output: RunOutput,
     ) -> None:
         """Store the plan's database codes, then fill row t of the result matrices and
         the task-agnostic column (and R[t, t+1] for forward transfer)."""
@@ -435,6 +438,9 @@ class ContinualRunner:
             db = tasks[j].database
             codes = encode_codes(model, db, plan.query_task(j), self.eval_batch_size, self._dist)
             store.add(j, codes["image"], codes["text"], db.labels, db.ids)
+            for collapse in code_collapse(store.get(j)):
+                output.logger.warning("warning: " + collapse.message())
+                results.notes.append(collapse.message())
         for j in range(t + 1):
             scores = score_against_store(model, tasks[j].query, plan.query_task(j), store, [j], self.topk,
                                          self.eval_batch_size, self._dist)

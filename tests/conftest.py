@@ -48,9 +48,16 @@ def tiny_config(name: str, **runner: Any) -> Dict[str, Any]:
 
 
 def build_model(name: str, stream, seed: int = 0):
-    """Model ``name`` with its demo settings for ``stream``, its weights drawn from ``seed``."""
+    """Model ``name`` with its demo settings for ``stream``, its weights drawn from ``seed``
+    (torch's generator, and the model's own ``seed`` argument where it takes one, as
+    closed-form models do for their projections)."""
+    from common.register import MODELS
+    from utils.config import signature_params
+
     torch.manual_seed(seed)
-    spec = demo_config(name)["model"]
+    spec = dict(demo_config(name)["model"])
+    if "seed" in signature_params(MODELS.get(name)):
+        spec["seed"] = seed
     return build_block("model", spec, "model", image_dim=stream.image_dim, text_dim=stream.text_dim,
                        num_classes=stream.num_classes)
 

@@ -400,3 +400,60 @@ def test_synthetic_imbalance_lists_and_presets():
                 dict(num_tasks=3, query_sizes=[1, 2]), dict(query_size=5, query_sizes=[1] * 5), dict(imbalance=0.5)):
         with pytest.raises(ValueError):
             SyntheticDataset(**bad)
+
+
+def test_synthetic_defaults_draw_as_before_the_realistic_parameters():
+    # values drawn by the generator before alignment / class_skew / ... existed
+    s = SyntheticDataset(num_classes=6, num_tasks=2, image_dim=8, text_dim=8, query_size=5, train_size=10,
+                         database_size=12, seed=9).load()
+    db = s.tasks[1].database
+    expected = [0.3066813349723816, -0.1734098494052887, 0.22896169126033783, 0.5604279637336731,
+                -0.61577308177948, 0.1384918987751007, -0.09032750874757767, 0.3207134008407593]
+    torch.testing.assert_close(db.image[0], torch.tensor(expected))
+    assert db.labels.sum(0).tolist() == [0.0, 0.0, 0.0, 5.0, 8.0, 9.0]
+    assert float(db.text.sum()) == pytest.approx(8.735921859741211, abs=1e-5)
+
+
+def _paired_unpaired(fs):
+    return float((fs.image * fs.text).sum(1).mean()), float((fs.image @ fs.text.T).mean())
+
+
+def test_clip_like_preset_properties():
+    from common.calc_utils import calc_map_k
+    from models.base import sign_codes
+    from models.ridge import RidgeHash
+
+    s = SyntheticDataset(preset="coco_clip_like_small").load()
+    assert (s.image_dim, s.text_dim, s.num_classes, len(s)) == (512, 512, 80, 5)
+    assert [t.sizes() for t in s.tasks] == [{"query": 150, "train": 540, "val": 60, "database": 1650}] * 5
+    db = s.tasks[0].database
+    torch.testing.assert_close(db.image.norm(dim=1), torch.ones(1650))
+    paired, unpaired = _paired_unpaired(db)
+    assert paired > unpaired + 0.15  # aligned modalities: the pair agrees more than random pairs
+    labels = torch.cat([t.database.labels for t in s.tasks])
+    assert 1.8 < float(labels.sum(1).mean()) < 2.4  # multi-label
+    freq = labels.mean(0)
+    assert float(freq.max() / freq.median()) > 5  # long tail
+    first = s.tasks[0].database.labels[:, list(s.tasks[0].classes)]
+    co = (first.T @ first).fill_diagonal_(0)
+    same_group = (torch.arange(16)[:, None] % 12 == torch.arange(16)[None, :] % 12).float().fill_diagonal_(0)
+    assert float((co * same_group).sum() / same_group.sum()) > 2 * float((co * (1 - same_group)).sum() / (1 - same_group).sum())
+    # a linear model is far from perfect but far above chance
+    task = s.tasks[1]
+    model = RidgeHash(512, 512, 80, bits=16)
+    model.fit(task, 1)
+    q, d = task.query, task.database
+    ridge = calc_map_k(sign_codes(model.encode_image(q.image)), sign_codes(model.encode_text(d.text)), q.labels, d.labels, k=1000)
+    g = torch.Generator().manual_seed(0)
+    chance = calc_map_k(torch.randint(0, 2, (150, 16), generator=g) * 2 - 1, torch.randint(0, 2, (1650, 16), generator=g) * 2 - 1,
+                        q.labels, d.labels, k=1000)
+    assert chance + 0.15 < ridge < 0.8
+    # unaligned modalities: the paired cosine is no higher than the unpaired one
+    small = dict(num_classes=8, num_tasks=2, image_dim=64, text_dim=64, query_size=10, train_size=10, database_size=200)
+    p0, u0 = _paired_unpaired(SyntheticDataset(**small, alignment=0.0).load().tasks[0].database)
+    p1, u1 = _paired_unpaired(SyntheticDataset(**small, alignment=0.9).load().tasks[0].database)
+    assert abs(p0 - u0) < 0.05 and p1 > u1 + 0.2
+    for bad in (dict(alignment=0.5, image_dim=8, text_dim=4), dict(alignment=1.5), dict(mean_labels=5.0),
+                dict(class_skew=-1.0), dict(preset="coco_clip_like", num_classes=8)):
+        with pytest.raises(ValueError):
+            SyntheticDataset(**bad)

@@ -11,6 +11,7 @@ its second task and resumed ends with the numbers of an uninterrupted one.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from runners import continual
 from runners.continual import ContinualRunner, OptimSpec
 from runners.evaluation import encode_codes
 from runners.experiment import run_config
+from runners.outputs import RunOutput
 
 NAMES = MODELS.names()
 
@@ -32,17 +34,15 @@ def trained(name: str, stream, seed: int = 0, tasks: int = 1, epochs: int = 2):
     cfg = tiny_config(name)
     runner = ContinualRunner(batch_size=16, seed=seed, epochs=epochs, progress=False, tensorboard=False)
     optim = OptimSpec(cfg["optimizer"], cfg.get("scheduler"))
+    output = RunOutput(Path("never-written"), cfg, tensorboard=False, quiet=True)  # no prepare(): writes nothing
     model = build_model(name, stream, seed)
     store = CodeStore()
     for t in range(tasks):
         task = stream.tasks[t]
         torch.manual_seed(seed + t)
         model.begin_task(task, t)
-        opt = runner.task_optim(model, t, len(task.train), optim)
-        gen = torch.Generator().manual_seed(seed + t)
-        for epoch in range(epochs):
-            record = runner.train_epoch(model, task, t, epoch, opt, gen)
-            assert all(torch.isfinite(torch.tensor(v)) for v in record.values()), record
+        model.fit(task, t)
+        runner.fit_task(model, task, t, optim, output, t)   # raises on a non-finite loss
         codes = encode_codes(model, task.database, t)
         store.add(t, codes["image"], codes["text"], task.database.labels)
         model.end_task(task, t, store)
@@ -88,11 +88,11 @@ def test_every_trainable_parameter_has_an_optimiser_and_a_gradient(name, tiny_st
     grouped = {id(p) for g in model.param_groups(0) for p in g["params"]}
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
     assert not missing, f"parameters given to no optimiser: {missing}"
+    if not any(p.requires_grad for p in model.parameters()):
+        pytest.skip(f"{name} has no trainable parameters (a closed-form model: the runner only calls fit)")
     model.zero_grad()
     losses = model(ContinualRunner.batch(task.train, torch.arange(16)), 0)
     assert "loss" in losses and all(v.dim() == 0 for v in losses.values())
-    if not any(p.requires_grad for p in model.parameters()):
-        pytest.skip(f"{name} has no trainable parameters (a closed-form model)")
     losses["loss"].backward()
     dead = [n for n, p in model.named_parameters()
             if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]

@@ -12,7 +12,7 @@ import inspect
 import re
 import typing
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
@@ -122,13 +122,15 @@ def signature_params(target: Callable) -> Dict[str, inspect.Parameter]:
 def _type_hints(target: Callable) -> Dict[str, Any]:
     fn = target.__init__ if inspect.isclass(target) else target
     try:
-        return typing.get_type_hints(fn)
+        return typing.get_type_hints(fn, include_extras=True)  # keeps Annotated markers
     except Exception:  # unresolvable annotations: accept any value rather than crash
         return {}
 
 
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _describe(typing.get_args(tp)[0])
     if tp is type(None):
         return "null"
     if origin is typing.Literal:
@@ -148,6 +150,8 @@ def check_value(value: Any, tp: Any) -> Tuple[bool, Any]:
     if tp is Any or tp is inspect.Parameter.empty:
         return True, value
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return check_value(value, typing.get_args(tp)[0])
     if origin is typing.Union:
         for arg in typing.get_args(tp):
             ok, coerced = check_value(value, arg)
@@ -194,8 +198,16 @@ def check_value(value: Any, tp: Any) -> Tuple[bool, Any]:
     return True, value
 
 
-def check_kwargs(target: Callable, kwargs: Mapping[str, Any], path: str, skip: Sequence[str] = ()) -> Dict[str, Any]:
-    """Validate ``kwargs`` against ``target``'s signature; returns the coerced kwargs."""
+AnnotatedCheck = Callable[[Tuple[Any, ...], Any, str], Any]
+
+
+def check_kwargs(target: Callable, kwargs: Mapping[str, Any], path: str, skip: Sequence[str] = (),
+                 annotated: Optional[AnnotatedCheck] = None) -> Dict[str, Any]:
+    """Validate ``kwargs`` against ``target``'s signature; returns the coerced kwargs.
+
+    For a key annotated ``Annotated[T, *extras]``, ``annotated(extras, value, dotted path)``
+    is asked first (e.g. to validate a nested block); it returns the checked value, or
+    NotImplemented to check the value against T as any other."""
     params = signature_params(target)
     hints = _type_hints(target)
     known = [n for n in params if n not in skip]
@@ -208,6 +220,11 @@ def check_kwargs(target: Callable, kwargs: Mapping[str, Any], path: str, skip: S
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{path}.{key}: unknown key{hint}; known: {', '.join(known) or '(none)'}")
         tp = hints.get(key, params[key].annotation)
+        if annotated is not None and typing.get_origin(tp) is typing.Annotated:
+            checked = annotated(typing.get_args(tp)[1:], value, f"{path}.{key}")
+            if checked is not NotImplemented:
+                out[key] = checked
+                continue
         ok, coerced = check_value(value, tp)
         if not ok:
             raise ConfigError(
@@ -220,8 +237,6 @@ def check_kwargs(target: Callable, kwargs: Mapping[str, Any], path: str, skip: S
         if param.default is inspect.Parameter.empty:
             raise ConfigError(f"{path}.{name}: required key missing ({_describe(hints.get(name, Any))})")
     return out
-
-
 
 
 # ---------------------------------------------------------------------- inheritance
