@@ -137,8 +137,9 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_worker(args: argparse.Namespace) -> None:
-    """Measure one method in this process (``--root``'s code) and print one result line."""
+def prepare(args: argparse.Namespace) -> Dict[str, Any]:
+    """Model (set up for task 1), optimisers, schedule and batches of one method, built
+    from ``--root``'s code as that code's runner would build them."""
     root = Path(args.root).resolve()
     sys.path.insert(0, str(root))
     import torch
@@ -174,7 +175,6 @@ def run_worker(args: argparse.Namespace) -> None:
     optimizers, scheduler = build_optimizers(
         model.param_groups(0), cfg["optimizer"], cfg.get("scheduler"),
         total_steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
-    grad_clip = runner_cfg.get("grad_clip")
     gen = torch.Generator().manual_seed(task_seed(seed, 0))
     chunks = [c for c in torch.randperm(n, generator=gen).to(device).split(batch_size) if len(c) == batch_size]
     fs = task.train
@@ -185,6 +185,19 @@ def run_worker(args: argparse.Namespace) -> None:
                      image_layers=None if fs.image_layers is None else fs.image_layers[idx],
                      text_layers=None if fs.text_layers is None else fs.text_layers[idx])
 
+    return {"model": model, "batch_at": batch_at, "optimizers": optimizers, "scheduler": scheduler,
+            "grad_clip": runner_cfg.get("grad_clip"), "device": device, "batch_size": batch_size, "train": n,
+            "task": task}
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """Measure one method in this process (``--root``'s code) and print one result line."""
+    import torch
+
+    setup = prepare(args)
+    model, batch_at, optimizers = setup["model"], setup["batch_at"], setup["optimizers"]
+    scheduler, grad_clip, device = setup["scheduler"], setup["grad_clip"], setup["device"]
+    batch_size, n = setup["batch_size"], setup["train"]
     step: Callable
     if args.worker == "reference":
         step, kind = reference_step, "reference loop"

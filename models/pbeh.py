@@ -51,7 +51,7 @@ from common.register import MODELS
 from models import losses as L
 from models.base import Batch, HashModel
 from models.prompts import (
-    PromptBank, zero_biases, PromptCrossAttention, common_width, gather_tokens, input_projection, select_prompts,
+    PromptBank, zero_biases, PromptCrossAttention, common_width, input_projection, select_prompts,
 )
 from utils.errors import ConfigError
 
@@ -221,8 +221,7 @@ class PBEH(HashModel):
     # ------------------------------------------------------------------ forward pieces
     def _enhance(self, x: torch.Tensor, pool: torch.Tensor, attn: PromptCrossAttention) -> torch.Tensor:
         """``[x ; MHA(x, p(x), p(x))]`` with ``p(x)`` the pool row chosen by ``x``."""
-        tokens = gather_tokens(pool, select_prompts(x, pool))
-        return torch.cat([x, attn(x, tokens)], dim=1)
+        return torch.cat([x, attn(x, pool.unsqueeze(1), select_prompts(x, pool))], dim=1)
 
     def _encode(self, modality: str, features: torch.Tensor, task_index: Optional[int]) -> torch.Tensor:
         if self.num_tasks == 0:
