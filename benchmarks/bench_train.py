@@ -17,7 +17,7 @@ The naive reference is honest by construction: ``git archive <--reference-commit
 (default 4a05054, the last commit before the speed work; history ships with the
 repository) is unpacked into a temporary directory, and a worker process whose import
 path starts there runs that commit's models and optimisers with that commit's per-step
-loop (``reference_step``: single-tensor AdamW as the optimiser module then built it,
+loop (``loop_step``: single-tensor AdamW as the optimiser module then built it,
 ``torch.isfinite(total)`` and ``float(v)`` of every loss term after every step). The
 "new" worker imports this checkout and runs the runner's own step. Both workers are
 fresh processes of the same Python with the same thread count, one after the other per
@@ -42,7 +42,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("CASH", "PBEH", "CAGMH", "SCAHN", "DCMHT", "DSPH")
@@ -55,13 +55,17 @@ QUICK_BATCH = 16
 
 
 # ====================================================================== worker side
-def reference_step(model, batch, optimizers, scheduler, grad_clip, sums: Dict[str, float]) -> None:
-    """One training step as ``runners/continual.py`` did it at the reference commit."""
+def loop_step(model, batch, optimizers, scheduler, grad_clip, sums: Dict[str, Any], per_step_sync: bool) -> None:
+    """One training step. ``per_step_sync`` True is the step of ``runners/continual.py``
+    at the reference commit: ``torch.isfinite(total)`` and ``float(v)`` of every loss
+    term after every step. False is the same arithmetic with the losses summed on the
+    device (the caller checks them once, at the end): the step built from public pieces
+    where the runner offers none of its own."""
     import torch
 
     losses = model(batch, 0)
     total = losses["loss"]
-    if not torch.isfinite(total):
+    if per_step_sync and not torch.isfinite(total):
         raise FloatingPointError(f"loss is {total.item()} (not finite)")
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -73,28 +77,10 @@ def reference_step(model, batch, optimizers, scheduler, grad_clip, sums: Dict[st
     if scheduler is not None:
         scheduler.step()
     for k, v in losses.items():
-        sums[k] = sums.get(k, 0.0) + float(v.detach())
-
-
-def interim_step(model, batch, optimizers, scheduler, grad_clip, sums: Dict[str, Any]) -> None:
-    """The step built from public pieces where the runner offers none: the same
-    arithmetic as ``reference_step`` with the losses summed on the device (no host
-    synchronisation; the caller checks them once at the end)."""
-    import torch
-
-    losses = model(batch, 0)
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
-    for opt in optimizers:
-        opt.step()
-    if scheduler is not None:
-        scheduler.step()
-    for k, v in losses.items():
-        v = v.detach()
-        sums[k] = sums[k] + v if k in sums else v.clone()
+        if per_step_sync:
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        else:
+            sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
 
 
 def method_config(root: Path, method: str, quick: bool) -> Dict[str, Any]:
@@ -198,11 +184,11 @@ def run_worker(args: argparse.Namespace) -> None:
     model, batch_at, optimizers = setup["model"], setup["batch_at"], setup["optimizers"]
     scheduler, grad_clip, device = setup["scheduler"], setup["grad_clip"], setup["device"]
     batch_size, n = setup["batch_size"], setup["train"]
-    step: Callable
-    if args.worker == "reference":
-        step, kind = reference_step, "reference loop"
-    else:
-        step, kind = interim_step, "public pieces (runners.optim + model.loss)"
+    naive = args.worker == "reference"
+    kind = "reference loop" if naive else "public pieces (runners.optim + model.loss)"
+
+    def step(model, batch, optimizers, scheduler, grad_clip, sums):
+        loop_step(model, batch, optimizers, scheduler, grad_clip, sums, per_step_sync=naive)
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -269,28 +255,31 @@ def measure(worker: str, root: Path, method: str, args: argparse.Namespace) -> D
 
 
 def table(rows: List[Dict[str, Any]]) -> List[str]:
-    out = ["| method | batch | params M | GFLOP/step | naive steps/s | new steps/s | speed-up | new samples/s "
-           "| achieved GFLOP/s | matmul GFLOP/s | achieved / matmul |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| method | batch | params M | GFLOP/step naive / new | naive steps/s | new steps/s | speed-up "
+           "| CPU ms/step naive / new | CPU speed-up | new samples/s | achieved GFLOP/s | matmul GFLOP/s "
+           "| achieved / matmul |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         new, ref = r["new"], r.get("reference")
         sps = new["steps"] / new["seconds"]
         gf = new["flops"] / 1e9
         achieved = gf * sps
         ref_sps = ref["steps"] / ref["seconds"] if ref else None
+        cpu_new = 1e3 * new["cpu_seconds"] / new["steps"]
+        cpu_ref = 1e3 * ref["cpu_seconds"] / ref["steps"] if ref else None
         out.append(" | ".join([
-            f"| {r['method']}", str(new["batch"]), f"{new['params'] / 1e6:.2f}", f"{gf:.3f}",
+            f"| {r['method']}", str(new["batch"]), f"{new['params'] / 1e6:.2f}",
+            ("-" if ref is None else f"{ref['flops'] / 1e9:.3f}") + f" / {gf:.3f}",
             "-" if ref is None else f"{ref_sps:.2f}", f"{sps:.2f}",
-            "-" if ref is None else f"{sps / ref_sps:.2f}x", f"{sps * new['batch']:.0f}",
+            "-" if ref is None else f"{sps / ref_sps:.2f}x",
+            ("-" if ref is None else f"{cpu_ref:.1f}") + f" / {cpu_new:.1f}",
+            "-" if ref is None else f"{cpu_ref / cpu_new:.2f}x", f"{sps * new['batch']:.0f}",
             f"{achieved:.1f}", f"{new['matmul_gflops']:.1f}", f"{achieved / new['matmul_gflops']:.2f} |",
         ]))
     return out
 
 
 def run_driver(args: argparse.Namespace) -> None:
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"error: --methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
     tmp: Optional[Path] = None
     try:
         if not args.no_reference:
@@ -341,6 +330,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.steps = 3 if args.quick else 20
     if args.matmul is None:
         args.matmul = 256 if args.quick else 1024
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
     if args.steps < 1 or args.warmup < 0 or args.threads < 1 or args.matmul < 1:
         parser.error("--steps, --threads and --matmul must be >= 1 and --warmup >= 0")
     return args
