@@ -171,24 +171,47 @@ def prepare(args: argparse.Namespace) -> Dict[str, Any]:
                      image_layers=None if fs.image_layers is None else fs.image_layers[idx],
                      text_layers=None if fs.text_layers is None else fs.text_layers[idx])
 
-    return {"model": model, "batch_at": batch_at, "optimizers": optimizers, "scheduler": scheduler,
-            "grad_clip": runner_cfg.get("grad_clip"), "device": device, "batch_size": batch_size, "train": n,
-            "task": task}
+    return {"model": model, "batch_at": batch_at, "chunks": chunks, "optimizers": optimizers,
+            "scheduler": scheduler, "grad_clip": runner_cfg.get("grad_clip"), "device": device,
+            "batch_size": batch_size, "train": n, "task": task, "config": cfg}
+
+
+def make_step(args: argparse.Namespace, setup: Dict[str, Any]):
+    """``(step(i, sums), description)``: the reference loop for the reference worker; for
+    the new worker the runner's own ``train_step`` (with the runner's ``task_optim``)
+    where this checkout's runner has one, else ``loop_step`` without per-step syncs."""
+    model, batch_at, chunks = setup["model"], setup["batch_at"], setup["chunks"]
+    if args.worker == "reference":
+        def step(i: int, sums: Dict[str, Any]) -> None:
+            loop_step(model, batch_at(i), setup["optimizers"], setup["scheduler"], setup["grad_clip"], sums, True)
+        return step, "the reference loop (per-step isfinite + float of every loss term)"
+    from runners import continual
+    from utils.config import build
+
+    if hasattr(continual.ContinualRunner, "train_step") and hasattr(continual.ContinualRunner, "task_optim"):
+        cfg = setup["config"]
+        runner = build("runner", cfg)
+        opt = runner.task_optim(model, 0, setup["train"],
+                                continual.OptimSpec(optimizer=cfg["optimizer"], scheduler=cfg.get("scheduler")))
+        train = setup["task"].train
+
+        def step(i: int, sums: Dict[str, Any]) -> None:
+            losses = runner.train_step(model, model, train, chunks[i % len(chunks)], 0, opt)
+            for k, v in losses.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
+        return step, "the runner's train_step (runners.continual)"
+
+    def step(i: int, sums: Dict[str, Any]) -> None:
+        loop_step(model, batch_at(i), setup["optimizers"], setup["scheduler"], setup["grad_clip"], sums, False)
+    return step, "public pieces (runners.optim + model.loss, losses summed on the device)"
 
 
 def run_worker(args: argparse.Namespace) -> None:
     """Measure one method in this process (``--root``'s code) and print one result line."""
-    import torch
-
     setup = prepare(args)
-    model, batch_at, optimizers = setup["model"], setup["batch_at"], setup["optimizers"]
-    scheduler, grad_clip, device = setup["scheduler"], setup["grad_clip"], setup["device"]
+    model, batch_at, device = setup["model"], setup["batch_at"], setup["device"]
     batch_size, n = setup["batch_size"], setup["train"]
-    naive = args.worker == "reference"
-    kind = "reference loop" if naive else "public pieces (runners.optim + model.loss)"
-
-    def step(model, batch, optimizers, scheduler, grad_clip, sums):
-        loop_step(model, batch, optimizers, scheduler, grad_clip, sums, per_step_sync=naive)
+    step, kind = make_step(args, setup)
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -196,16 +219,15 @@ def run_worker(args: argparse.Namespace) -> None:
     with counter:
         model(batch_at(0), 0)["loss"].backward()
     flops = counter.get_total_flops()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
 
     sums: Dict[str, Any] = {}
     for i in range(args.warmup):
-        step(model, batch_at(i), optimizers, scheduler, grad_clip, sums)
+        step(i, sums)
     _sync(device)
     cpu0, t0 = time.process_time(), time.perf_counter()
     for i in range(args.steps):
-        step(model, batch_at(args.warmup + i), optimizers, scheduler, grad_clip, sums)
+        step(args.warmup + i, sums)
     _sync(device)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
@@ -302,7 +324,7 @@ def run_driver(args: argparse.Namespace) -> None:
           f"warm-up, synthetic coco_balanced task 1 ({first['train']} train pairs)"
           + (" --quick" if args.quick else "") + f", load average {load:.2f}")
     print(f"naive = the loop of commit {args.reference_commit}" if tmp is not None else "naive: not run (--no-reference)")
-    print(f"new = {first['step']}; matmul = {args.matmul}^3 fp32")
+    print(f"new = {first['step']}; matmul = {args.matmul}^3 fp32; CPU = process time of the timed steps")
     for line in table(rows):
         print(line)
     if args.json:
