@@ -17,9 +17,11 @@ The naive reference is honest by construction: ``git archive <--reference-commit
 (default 4a05054, the last commit before the speed work; history ships with the
 repository) is unpacked into a temporary directory, and a worker process whose import
 path starts there runs that commit's models and optimisers with that commit's per-step
-loop (``loop_step``: single-tensor AdamW as the optimiser module then built it,
-``torch.isfinite(total)`` and ``float(v)`` of every loss term after every step). The
-"new" worker imports this checkout and runs the runner's own step. Both workers are
+loop (``loop_step``: the optimisers as that commit's ``runners/optim.py`` built them,
+i.e. torch's default single-tensor AdamW on CPU, ``torch.isfinite(total)`` and
+``float(v)`` of every loss term after every step). The "new" worker imports this
+checkout and runs the runner's own ``train_step`` (or, in a checkout whose runner has
+none, the same loop without the per-step host reads). Both workers are
 fresh processes of the same Python with the same thread count, one after the other per
 method, so a ratio is measured under the same machine load; the directory is removed
 afterwards. ``--no-reference`` skips it (e.g. outside a git checkout).
