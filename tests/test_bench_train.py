@@ -29,7 +29,7 @@ def test_quick_run_prints_the_table():
     assert columns == [
         "method", "batch", "params M", "GFLOP/step naive / new", "naive steps/s", "new steps/s", "speed-up",
         "CPU ms/step naive / new", "CPU speed-up", "new samples/s", "achieved GFLOP/s", "matmul GFLOP/s",
-        "achieved / matmul",
+        "achieved / matmul", "same per CPU second",
     ]
     rows = [ln for ln in lines if ln.startswith("| DSPH")]
     assert len(rows) == 1
