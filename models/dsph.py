@@ -77,25 +77,27 @@ class HyPProxyLoss(nn.Module):
         neg_term = F.relu(cos - self.delta)[neg].sum() / neg.sum().clamp(min=1)
         return pos_term + neg_term
 
-    def _separation(self, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _separation(self, u_img: torch.Tensor, u_txt: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum of the image-image, text-text and image-text separation means; the
+        multi-label rows and their disjoint pairs are found once for the three (two host
+        reads per step, not six)."""
         multi = labels.sum(dim=1) > 1
         if int(multi.sum()) < 2:
-            return a.new_zeros(())
+            return u_img.new_zeros(())
         lab = labels[multi]
         disjoint = (lab @ lab.t()) == 0
         if not bool(disjoint.any()):
-            return a.new_zeros(())
-        cos = F.normalize(a[multi], dim=1) @ F.normalize(b[multi], dim=1).t()
-        return F.relu(cos - self.delta)[disjoint].mean()
+            return u_img.new_zeros(())
+
+        def mean_over_disjoint(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            cos = F.normalize(a[multi], dim=1) @ F.normalize(b[multi], dim=1).t()
+            return F.relu(cos - self.delta)[disjoint].mean()
+
+        return sum(mean_over_disjoint(a, b) for a, b in ((u_img, u_img), (u_txt, u_txt), (u_img, u_txt)))
 
     def forward(self, u_img: torch.Tensor, u_txt: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         proxy = self._proxy_term(u_img, labels) + self._proxy_term(u_txt, labels)
-        sep = (
-            self._separation(u_img, u_img, labels)
-            + self._separation(u_txt, u_txt, labels)
-            + self._separation(u_img, u_txt, labels)
-        )
-        return {"proxy": proxy, "separation": self.alpha * sep}
+        return {"proxy": proxy, "separation": self.alpha * self._separation(u_img, u_txt, labels)}
 
 
 @MODELS.register("DSPH")

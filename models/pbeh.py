@@ -51,7 +51,7 @@ from common.register import MODELS
 from models import losses as L
 from models.base import Batch, HashModel
 from models.prompts import (
-    PromptBank, zero_biases, PromptCrossAttention, common_width, gather_tokens, input_projection, select_prompts,
+    PromptBank, zero_biases, PromptCrossAttention, common_width, input_projection, select_prompts,
 )
 from utils.errors import ConfigError
 
@@ -221,8 +221,7 @@ class PBEH(HashModel):
     # ------------------------------------------------------------------ forward pieces
     def _enhance(self, x: torch.Tensor, pool: torch.Tensor, attn: PromptCrossAttention) -> torch.Tensor:
         """``[x ; MHA(x, p(x), p(x))]`` with ``p(x)`` the pool row chosen by ``x``."""
-        tokens = gather_tokens(pool, select_prompts(x, pool))
-        return torch.cat([x, attn(x, tokens)], dim=1)
+        return torch.cat([x, attn(x, pool.unsqueeze(1), select_prompts(x, pool))], dim=1)
 
     def _encode(self, modality: str, features: torch.Tensor, task_index: Optional[int]) -> torch.Tensor:
         if self.num_tasks == 0:
@@ -304,7 +303,13 @@ class PBEH(HashModel):
         pool = self.prompts[t]
         zv = self._enhance(self.image_in(batch.image), pool, self.image_attn)
         zt = self._enhance(self.text_in(batch.text), pool, self.text_attn)
-        hv, ht = self.image_net(zv), self.text_net(zt)
+        # Both hash nets see both modalities (their own, and the other's for the
+        # distillation term): one call per net on the stacked rows [zv; zt], row by row
+        # the same function as two calls (float rounding of the weight gradients differs).
+        n = zv.shape[0]
+        z = torch.cat([zv, zt])
+        hv, ht_x = self.image_net(z).split(n)
+        hv_x, ht = self.text_net(z).split(n)
         labels = batch.labels.float()
         target = L.sigmoid_label_similarity(labels, labels, self.similarity_scale)
         parts: Dict[str, torch.Tensor] = {
@@ -313,7 +318,7 @@ class PBEH(HashModel):
             "quant": L.quantization_loss(hv) + L.quantization_loss(ht),
             "contrastive": L.supervised_contrastive_loss(hv, labels, self.temperature)
             + L.supervised_contrastive_loss(ht, labels, self.temperature),
-            "distill": F.mse_loss(hv, self.text_net(zv)) + F.mse_loss(ht, self.image_net(zt)),
+            "distill": F.mse_loss(hv, hv_x) + F.mse_loss(ht, ht_x),
         }
         if t >= 1:
             anchor = hv.new_zeros(())

@@ -8,7 +8,7 @@ batch (the PBEH public code fed a 2-D ``(B, D)`` tensor, which attends across th
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +68,18 @@ class PromptBank(nn.Module):
 class PromptCrossAttention(nn.Module):
     """``a = MHA(x, P, P)`` with each sample as its own length-1 query.
 
-    ``tokens`` is either one prompt ``(L, D)`` shared by the batch or a per-sample stack
-    ``(B, L, D)``; the result is ``(B, D)``. With one token per sample (PBEH) the softmax
-    has a single entry and ``a`` is the value/out projection of that token.
+    ``tokens`` is one prompt ``(L, D)`` shared by the batch, a per-sample stack
+    ``(B, L, D)``, or, with ``index`` ``(B,)``, a set of stacks ``(N, L, D)`` of which
+    sample i reads stack ``index[i]``; the result is ``(B, D)``. With one token per
+    sample (PBEH) the softmax has a single entry and ``a`` is the value/out projection
+    of that token.
+
+    The parameters are those of ``nn.MultiheadAttention`` (same state-dict keys), but
+    keys and values are projected once per distinct token and then broadcast to the
+    samples that read them: ``nn.MultiheadAttention`` on an expanded ``(B, L, D)``
+    prompt projects the same tokens B times (a third of CASH's step arithmetic). The
+    per-sample result is the same function; float rounding of the gradients of the
+    key / value weights differs (summed over samples before the projection, not after).
     """
 
     def __init__(self, dim: int, heads: int = 8, dropout: float = 0.0) -> None:
@@ -79,14 +88,28 @@ class PromptCrossAttention(nn.Module):
             raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        query = x.unsqueeze(1)
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        attn = self.attn
+        B, D = x.shape
+        H = attn.num_heads
+        if index is not None:
+            if tokens.dim() != 3 or index.shape != (B,):
+                raise ValueError(f"index {tuple(index.shape)} needs stacks (N, L, D) and one entry per sample ({B})")
+        elif tokens.dim() == 3 and tokens.shape[0] != B:
+            raise ValueError(f"{tokens.shape[0]} prompt stacks for {B} samples")
+        w_q, w_kv = attn.in_proj_weight.split([D, 2 * D])
+        b_q, b_kv = attn.in_proj_bias.split([D, 2 * D])
+        q = F.linear(x, w_q, b_q).view(B, H, 1, D // H)
+        k, v = F.linear(tokens, w_kv, b_kv).chunk(2, dim=-1)          # (..., L, D) each, once per token
         if tokens.dim() == 2:
-            tokens = tokens.unsqueeze(0).expand(x.shape[0], -1, -1)
-        if tokens.shape[0] != x.shape[0]:
-            raise ValueError(f"{tokens.shape[0]} prompt stacks for {x.shape[0]} samples")
-        out, _ = self.attn(query, tokens, tokens, need_weights=False)
-        return out.squeeze(1)
+            k, v = k.unsqueeze(0), v.unsqueeze(0)
+        if index is not None:
+            k, v = k[index], v[index]
+        L = tokens.shape[-2]
+        k = k.view(k.shape[0], L, H, D // H).transpose(1, 2).expand(B, -1, -1, -1)
+        v = v.view(v.shape[0], L, H, D // H).transpose(1, 2).expand(B, -1, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if self.training else 0.0)
+        return attn.out_proj(out.reshape(B, D))
 
 
 def select_prompts(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
@@ -96,17 +119,6 @@ def select_prompts(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
     to the lowest index. Each row's choice depends on that row alone."""
     sim = F.normalize(x, dim=1) @ F.normalize(pool, dim=1).t()
     return sim.argmax(dim=1)
-
-
-def gather_tokens(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``pool[index]`` as per-sample single-token stacks ``(B, 1, D)``."""
-    return pool[index].unsqueeze(1)
-
-
-def stack_task_prompts(prompts: Sequence[torch.Tensor], task_per_sample: torch.Tensor) -> torch.Tensor:
-    """Per-sample prompt stacks ``(B, L, D)`` from equally long task prompts ``(L, D)``
-    and the task chosen for each sample."""
-    return torch.stack(list(prompts))[task_per_sample]
 
 
 def common_width(image_dim: int, text_dim: int, width: Optional[int], heads: int) -> int:

@@ -146,6 +146,16 @@ def test_shared_blocks_against_brute_force():
         out = attn(x, tokens)
         ref = torch.stack([attn.attn(x[i:i + 1][None], tokens[None], tokens[None])[0][0, 0] for i in range(7)])
     assert torch.allclose(out, ref, atol=1e-6)
+    # per-sample stacks, given whole or as an index into a set of stacks
+    stacks = torch.randn(4, 3, 6)
+    choice = torch.tensor([2, 0, 0, 3, 1, 2, 3])
+    with torch.no_grad():
+        ref = torch.stack([attn.attn(x[i:i + 1][None], stacks[c][None], stacks[c][None])[0][0, 0]
+                           for i, c in enumerate(choice.tolist())])
+        assert torch.allclose(attn(x, stacks, choice), ref, atol=1e-6)
+        assert torch.allclose(attn(x, stacks[choice]), ref, atol=1e-6)
+    with pytest.raises(ValueError, match="prompt stacks"):
+        attn(x, stacks)
     f, c = torch.randn(4, 8), torch.randn(4, 8)
     assert torch.allclose(select_bits(f, c, torch.ones(4, 8)), torch.tanh(c))
     assert torch.allclose(select_bits(f, c, -torch.ones(4, 8)), torch.tanh(f))

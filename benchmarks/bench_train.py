@@ -1,0 +1,377 @@
+"""Training throughput per method, with the machine's own dense-matmul rate as anchor and
+the library's loop at an earlier commit run side by side as the naive reference.
+
+For each method the model, optimiser, schedule, batch size and grad clip come from
+``configs/<METHOD>/coco.yaml`` (the authors' defaults); the data is task 1 of the
+synthetic ``coco_balanced`` stream (MS-COCO balanced sizes of the CASH / PBEH protocol:
+2402 train pairs, 80 labels, 512-d image and text features). Training steps walk a
+seeded permutation of that train split, as the runner does. Printed per method:
+
+- naive / new steps/s and their ratio, new samples/s;
+- GFLOP per step: the model's forward + backward counted once with
+  ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention);
+- achieved GFLOP/s = GFLOP per step x steps/s, and the dense fp32 matmul GFLOP/s of the
+  same process right after (``--matmul`` size, one thread count for both), and their ratio;
+  the same ratio per second of process CPU time (CPU ms/step), which a loaded shared
+  machine distorts far less than wall time.
+
+The naive reference is honest by construction: ``git archive <--reference-commit>``
+(default 4a05054, the last commit before the speed work; history ships with the
+repository) is unpacked into a temporary directory, and a worker process whose import
+path starts there runs that commit's models and optimisers with that commit's per-step
+loop (``loop_step``: the optimisers as that commit's ``runners/optim.py`` built them,
+i.e. torch's default single-tensor AdamW on CPU, ``torch.isfinite(total)`` and
+``float(v)`` of every loss term after every step). The "new" worker imports this
+checkout and runs the runner's own ``train_step`` (or, in a checkout whose runner has
+none, the same loop without the per-step host reads). Both workers are
+fresh processes of the same Python with the same thread count, one after the other per
+method, so a ratio is measured under the same machine load; the directory is removed
+afterwards. ``--no-reference`` skips it (e.g. outside a git checkout).
+
+    python benchmarks/bench_train.py                          # all six methods, 1 thread
+    python benchmarks/bench_train.py --methods CASH PBEH --steps 20
+    python benchmarks/bench_train.py --quick --methods DSPH   # tiny sizes, a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("CASH", "PBEH", "CAGMH", "SCAHN", "DCMHT", "DSPH")
+REFERENCE_COMMIT = "4a05054"
+RESULT_TAG = "BENCH_RESULT "
+# --quick: a tiny stream and small layers, to check that the script runs end to end.
+QUICK_SCALE = 0.05
+QUICK_MODEL = {"hidden": 64, "num_tokens": 4, "token_dim": 16}
+QUICK_BATCH = 16
+
+
+# ====================================================================== worker side
+def loop_step(model, batch, optimizers, scheduler, grad_clip, sums: Dict[str, Any], per_step_sync: bool) -> None:
+    """One training step. ``per_step_sync`` True is the step of ``runners/continual.py``
+    at the reference commit: ``torch.isfinite(total)`` and ``float(v)`` of every loss
+    term after every step. False is the same arithmetic with the losses summed on the
+    device (the caller checks them once, at the end): the step built from public pieces
+    where the runner offers none of its own."""
+    import torch
+
+    losses = model(batch, 0)
+    total = losses["loss"]
+    if per_step_sync and not torch.isfinite(total):
+        raise FloatingPointError(f"loss is {total.item()} (not finite)")
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    total.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+    for opt in optimizers:
+        opt.step()
+    if scheduler is not None:
+        scheduler.step()
+    for k, v in losses.items():
+        if per_step_sync:
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        else:
+            sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
+
+
+def method_config(root: Path, method: str, quick: bool) -> Dict[str, Any]:
+    from utils.config import load_config, signature_params
+    from common.register import MODELS
+
+    cfg = copy.deepcopy(load_config(root / "configs" / method / "coco.yaml"))
+    cfg["dataset"] = {"name": "synthetic", "preset": "coco_balanced", "seed": 0,
+                      "scale": QUICK_SCALE if quick else 1.0, "val_fraction": 0.1}
+    if quick:
+        known = signature_params(MODELS.get(cfg["model"]["name"]))
+        cfg["model"].update({k: v for k, v in QUICK_MODEL.items() if k in known})
+        cfg["runner"]["batch_size"] = QUICK_BATCH
+    return cfg
+
+
+def matmul_gflops(n: int, device, seconds: float = 1.0) -> Dict[str, float]:
+    """Best rate of ``n x n @ n x n`` fp32 matmuls over about ``seconds``, per second of
+    wall time and per second of this process's CPU time (robust on a shared machine)."""
+    import torch
+
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = {"wall": 0.0, "cpu": 0.0}
+    spent = 0.0
+    for _ in range(2):
+        a @ b  # warm-up
+    while spent < seconds:
+        _sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        a @ b
+        _sync(device)
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        spent += dt
+        best["wall"] = max(best["wall"], 2 * n ** 3 / dt / 1e9)
+        if dc > 0:
+            best["cpu"] = max(best["cpu"], 2 * n ** 3 / dc / 1e9)
+    return best
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prepare(args: argparse.Namespace) -> Dict[str, Any]:
+    """Model (set up for task 1), optimisers, schedule and batches of one method, built
+    from ``--root``'s code as that code's runner would build them."""
+    root = Path(args.root).resolve()
+    sys.path.insert(0, str(root))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import main  # noqa: F401  (fills the registries)
+    import models
+    from models.base import Batch
+    from runners.optim import build_optimizers
+    from utils.config import build
+    from utils.seed import resolve_device, seed_everything, task_seed
+
+    if Path(models.__file__).resolve().parents[1] != root:
+        raise SystemExit(f"worker imported models from {models.__file__}, not from {root}")
+    cfg = method_config(root, args.method, args.quick)
+    runner_cfg = cfg["runner"]
+    device = resolve_device(args.device, key="--device")
+    stream = build("dataset", cfg).load()
+    task = stream.tasks[0].to(device)
+    seed = int(runner_cfg.get("seed", 1))
+    seed_everything(seed)
+    model = build("model", cfg, image_dim=stream.image_dim, text_dim=stream.text_dim,
+                  num_classes=stream.num_classes)
+    torch.manual_seed(task_seed(seed, 0))
+    model.begin_task(task, 0)
+    model.to(device)
+    model.begin_epoch(task, 0, 0)
+    model.train()
+    batch_size = int(runner_cfg.get("batch_size", 64))
+    n = len(task.train)
+    steps_per_epoch = max(1, math.ceil(n / batch_size))
+    epochs = int(runner_cfg.get("epochs", 20))
+    optimizers, scheduler = build_optimizers(
+        model.param_groups(0), cfg["optimizer"], cfg.get("scheduler"),
+        total_steps=epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+    gen = torch.Generator().manual_seed(task_seed(seed, 0))
+    chunks = [c for c in torch.randperm(n, generator=gen).to(device).split(batch_size) if len(c) == batch_size]
+    fs = task.train
+
+    def batch_at(i: int) -> Batch:
+        idx = chunks[i % len(chunks)]
+        return Batch(image=fs.image[idx], text=fs.text[idx], labels=fs.labels[idx], index=idx,
+                     image_layers=None if fs.image_layers is None else fs.image_layers[idx],
+                     text_layers=None if fs.text_layers is None else fs.text_layers[idx])
+
+    return {"model": model, "batch_at": batch_at, "chunks": chunks, "optimizers": optimizers,
+            "scheduler": scheduler, "grad_clip": runner_cfg.get("grad_clip"), "device": device,
+            "batch_size": batch_size, "train": n, "task": task, "config": cfg}
+
+
+def make_step(args: argparse.Namespace, setup: Dict[str, Any]):
+    """``(step(i, sums), description)``: the reference loop for the reference worker; for
+    the new worker the runner's own ``train_step`` (with the runner's ``task_optim``)
+    where this checkout's runner has one, else ``loop_step`` without per-step syncs."""
+    model, batch_at, chunks = setup["model"], setup["batch_at"], setup["chunks"]
+    if args.worker == "reference":
+        def step(i: int, sums: Dict[str, Any]) -> None:
+            loop_step(model, batch_at(i), setup["optimizers"], setup["scheduler"], setup["grad_clip"], sums, True)
+        return step, "the reference loop (per-step isfinite + float of every loss term)"
+    from runners import continual
+    from utils.config import build
+
+    if hasattr(continual.ContinualRunner, "train_step") and hasattr(continual.ContinualRunner, "task_optim"):
+        cfg = setup["config"]
+        runner = build("runner", cfg)
+        opt = runner.task_optim(model, 0, setup["train"],
+                                continual.OptimSpec(optimizer=cfg["optimizer"], scheduler=cfg.get("scheduler")))
+        train = setup["task"].train
+
+        def step(i: int, sums: Dict[str, Any]) -> None:
+            losses = runner.train_step(model, model, train, chunks[i % len(chunks)], 0, opt)
+            for k, v in losses.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
+        return step, "the runner's train_step (runners.continual)"
+
+    def step(i: int, sums: Dict[str, Any]) -> None:
+        loop_step(model, batch_at(i), setup["optimizers"], setup["scheduler"], setup["grad_clip"], sums, False)
+    return step, "public pieces (runners.optim + model.loss, losses summed on the device)"
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """Measure one method in this process (``--root``'s code) and print one result line."""
+    setup = prepare(args)
+    model, batch_at, device = setup["model"], setup["batch_at"], setup["device"]
+    batch_size, n = setup["batch_size"], setup["train"]
+    step, kind = make_step(args, setup)
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(batch_at(0), 0)["loss"].backward()
+    flops = counter.get_total_flops()
+    model.zero_grad(set_to_none=True)
+
+    sums: Dict[str, Any] = {}
+    for i in range(args.warmup):
+        step(i, sums)
+    _sync(device)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for i in range(args.steps):
+        step(args.warmup + i, sums)
+    _sync(device)
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    finite = all(math.isfinite(float(v)) for v in sums.values())
+    if not finite:
+        raise SystemExit(f"{args.method}: a loss became non-finite during the benchmark")
+    result = {
+        "method": args.method, "worker": args.worker, "step": kind, "device": str(device),
+        "batch": batch_size, "train": n, "steps": args.steps, "seconds": wall, "cpu_seconds": cpu,
+        "flops": flops, "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "matmul": matmul_gflops(args.matmul, device),
+    }
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+# ====================================================================== driver side
+def unpack_commit(commit: str, into: Path) -> Path:
+    """The tree of ``commit`` of this repository as plain files under ``into``."""
+    try:
+        data = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit],
+                              check=True, capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        raise SystemExit(f"error: --reference-commit {commit}: git archive failed "
+                         f"({detail.decode(errors='replace').strip() or exc}); use --no-reference "
+                         "outside a git checkout") from None
+    import io
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def measure(worker: str, root: Path, method: str, args: argparse.Namespace) -> Dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--root", str(root),
+           "--method", method, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads), "--device", args.device, "--matmul", str(args.matmul)]
+    if args.quick:
+        cmd.append("--quick")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH="")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(root))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise SystemExit(f"error: {method} ({worker}) failed:\n  " + "\n  ".join(tail))
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def table(rows: List[Dict[str, Any]]) -> List[str]:
+    out = ["| method | batch | params M | GFLOP/step naive / new | naive steps/s | new steps/s | speed-up "
+           "| CPU ms/step naive / new | CPU speed-up | new samples/s | achieved GFLOP/s | matmul GFLOP/s "
+           "| achieved / matmul | same per CPU second |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        new, ref = r["new"], r.get("reference")
+        sps = new["steps"] / new["seconds"]
+        gf = new["flops"] / 1e9
+        achieved = gf * sps
+        ref_sps = ref["steps"] / ref["seconds"] if ref else None
+        cpu_new = 1e3 * new["cpu_seconds"] / new["steps"]
+        cpu_ref = 1e3 * ref["cpu_seconds"] / ref["steps"] if ref else None
+        out.append(" | ".join([
+            f"| {r['method']}", str(new["batch"]), f"{new['params'] / 1e6:.2f}",
+            ("-" if ref is None else f"{ref['flops'] / 1e9:.3f}") + f" / {gf:.3f}",
+            "-" if ref is None else f"{ref_sps:.2f}", f"{sps:.2f}",
+            "-" if ref is None else f"{sps / ref_sps:.2f}x",
+            ("-" if ref is None else f"{cpu_ref:.1f}") + f" / {cpu_new:.1f}",
+            "-" if ref is None else f"{cpu_ref / cpu_new:.2f}x", f"{sps * new['batch']:.0f}",
+            f"{achieved:.1f}", f"{new['matmul']['wall']:.1f}", f"{achieved / new['matmul']['wall']:.2f}",
+            "-" if not new["matmul"]["cpu"] else f"{gf / (cpu_new / 1e3) / new['matmul']['cpu']:.2f} |",
+        ]))
+    return out
+
+
+def run_driver(args: argparse.Namespace) -> None:
+    tmp: Optional[Path] = None
+    try:
+        if not args.no_reference:
+            tmp = Path(tempfile.mkdtemp(prefix="bench_train_ref_"))
+            unpack_commit(args.reference_commit, tmp)
+        rows = []
+        for method in args.methods:
+            row: Dict[str, Any] = {"method": method}
+            if tmp is not None:
+                row["reference"] = measure("reference", tmp, method, args)
+            row["new"] = measure("new", ROOT, method, args)
+            rows.append(row)
+            print(f"{method}: done", file=sys.stderr, flush=True)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    first = rows[0]["new"]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"device {first['device']}, {args.threads} thread(s), {args.steps} timed steps after {args.warmup} "
+          f"warm-up, synthetic coco_balanced task 1 ({first['train']} train pairs)"
+          + (" --quick" if args.quick else "") + f", load average {load:.2f}")
+    print(f"naive = the loop of commit {args.reference_commit}" if tmp is not None else "naive: not run (--no-reference)")
+    print(f"new = {first['step']}; matmul = {args.matmul}^3 fp32; CPU = process time of the timed steps")
+    for line in table(rows):
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per method (default 20, --quick 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of every worker (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    parser.add_argument("--matmul", type=int, default=None, help="anchor matmul size (default 1024, --quick 256)")
+    parser.add_argument("--quick", action="store_true", help="tiny stream, layers and batches (a smoke test)")
+    parser.add_argument("--reference-commit", default=REFERENCE_COMMIT,
+                        help=f"commit whose loop is the naive reference (default {REFERENCE_COMMIT})")
+    parser.add_argument("--no-reference", action="store_true", help="skip the naive reference")
+    parser.add_argument("--json", default=None, help="also write the raw measurements to this file")
+    parser.add_argument("--worker", choices=("reference", "new"), help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 3 if args.quick else 20
+    if args.matmul is None:
+        args.matmul = 256 if args.quick else 1024
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1 or args.matmul < 1:
+        parser.error("--steps, --threads and --matmul must be >= 1 and --warmup >= 0")
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()
+    if ARGS.worker:
+        run_worker(ARGS)
+    else:
+        run_driver(ARGS)

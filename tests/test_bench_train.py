@@ -1,0 +1,47 @@
+"""Smoke test of benchmarks/bench_train.py: it runs end to end on tiny sizes and prints
+its table (the columns and one row per method; timings are not checked)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_train.py"
+
+
+def has_reference_commit() -> bool:
+    probe = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", "4a05054^{commit}"], capture_output=True)
+    return probe.returncode == 0
+
+
+def test_quick_run_prints_the_table():
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--methods", "DSPH", "--steps", "1", "--warmup", "0",
+           "--matmul", "64"]
+    with_reference = has_reference_commit()
+    if not with_reference:
+        cmd.append("--no-reference")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(ln for ln in lines if ln.startswith("| method"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns == [
+        "method", "batch", "params M", "GFLOP/step naive / new", "naive steps/s", "new steps/s", "speed-up",
+        "CPU ms/step naive / new", "CPU speed-up", "new samples/s", "achieved GFLOP/s", "matmul GFLOP/s",
+        "achieved / matmul", "same per CPU second",
+    ]
+    rows = [ln for ln in lines if ln.startswith("| DSPH")]
+    assert len(rows) == 1
+    cells = dict(zip(columns, (c.strip() for c in rows[0].strip("|").split("|"))))
+    assert cells["batch"] == "16"
+    assert float(cells["new steps/s"]) > 0 and float(cells["matmul GFLOP/s"]) > 0
+    assert float(cells["GFLOP/step naive / new"].split("/")[1]) > 0
+    if with_reference:
+        assert float(cells["naive steps/s"]) > 0 and cells["speed-up"].endswith("x")
+        assert "naive = the loop of commit 4a05054" in proc.stdout
+
+
+def test_unknown_method_is_refused():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--methods", "NOPE"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "--methods: unknown NOPE" in proc.stderr
