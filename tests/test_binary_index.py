@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from common.binary_index import (
-    KINDS, MISSING_ID, BinaryIndex, build_faiss_index, export_store, load_index_folder, pack_prefix,
+    KINDS, MISSING_ID, BinaryIndex, build_faiss_index, export_store, factory_string, load_index_folder,
+    pack_prefix,
     resolve_params, save_index_folder,
 )
 from common.calc_utils import hamming_distance
@@ -190,19 +191,53 @@ def test_bad_input_refused(data):
     index = BinaryIndex.build(store, "image", "flat")
     with pytest.raises(UserError, match="at least as long"):
         index.search(np.ones((1, 14)), 5)  # shorter than the 16-bit codes
-    with pytest.raises(UserError, match="--k"):
+    with pytest.raises(UserError, match="k must be >= 1"):
         index.search(queries, 0)
     with pytest.raises(UserError, match="kind"):
         BinaryIndex.build(store, "image", "lsh")
     with pytest.raises(UserError, match="--nprobe"):
         BinaryIndex.build(store, "image", "hash", {"nprobe": 3})
-    with pytest.raises(UserError, match="search parameter"):
-        index.set_search_params({"nflip": 1})
+    with pytest.raises(UserError, match="nflip is not a search parameter of a flat index"):
+        index.search(queries, 3, params={"nflip": 1})
+    with pytest.raises(UserError, match="task 3 is not in the index"):
+        index.search(queries, 3, task=2)
+    with pytest.raises(UserError, match="--hash-bits 17: longer than the stored codes"):
+        BinaryIndex.build(store, "image", "hash", {"hash_bits": 17})
+    with pytest.raises(UserError, match="--nhash 3"):
+        BinaryIndex.build(store, "image", "multihash", {"hash_bits": 6, "nhash": 3})
     with pytest.raises(DataError, match="empty"):
         BinaryIndex.build(CodeStore(), "image", "flat")
     assert resolve_params("multihash", 10**6, 64, {}) == {"hash_bits": 20, "nhash": 3, "nflip": 1}
     ix = build_faiss_index("flat", np.zeros((3, 2), np.uint8), 16, {})
     assert ix.ntotal == 3
+    assert [factory_string(k, resolve_params(k, 10**4, 16)) for k in KINDS] == [
+        "BFlat", "BHash14", "BHash2x8", "BIVF100", "BHNSW16"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_task_filter_and_per_call_parameters(data, kind):
+    """A task filter returns only that task's items, and for the exact index exactly the
+    brute-force ranking of that task's codes alone; per-call search parameters change
+    one call and leave the index's own untouched."""
+    store, queries = data
+    index = BinaryIndex.build(store, "text", kind)
+    dist, keys = brute_force(store, "text", queries)
+    for task in (0, 1):
+        res = index.search(queries, 12, task=task, stable_ties=kind == "flat")
+        assert res.distance.shape == (len(queries), 12)
+        assert set(res.task[res.count[:, None] > np.arange(12)].tolist()) == {task}
+        cols = [j for j, (t, _) in enumerate(keys) if t == task]
+        for qi, hits in enumerate(res):
+            for d, p in zip(hits.distance, hits.position):
+                assert dist[qi, keys.index((task, int(p)))] == d
+            if kind == "flat":
+                order = np.argsort(dist[qi, cols], kind="stable")[:12]
+                assert hits.position.tolist() == [keys[cols[j]][1] for j in order]
+    if kind in ("hash", "multihash"):
+        before = [s.index.nflip for s in index.shards]
+        wide = index.search(queries, 50, params={"nflip": 3})
+        assert [s.index.nflip for s in index.shards] == before
+        assert wide.count.sum() >= index.search(queries, 50).count.sum()
 
 
 # ---------------------------------------------------------------------- end to end (CLI)
