@@ -2,7 +2,7 @@
 
 ``python main.py --config-file configs/CASH/demo.yaml`` trains and evaluates one config
 (the ``train`` command, the default). Other commands: ``compare``, ``evaluate``,
-``extract``, ``index``, ``search``, ``list``; ``python main.py COMMAND --help``
+``extract``, ``index``, ``search``, ``serve``, ``list``; ``python main.py COMMAND --help``
 explains each. Importing this module fills
 every registry and runs nothing.
 """
@@ -99,10 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "precision@N, PR curve) without retraining"),
         "extract": ("dataset.extract_cli", "add_extract_arguments", "run_extract",
                     "extract CLIP image/text features from raw images and captions into a feature cache"),
-        "index": ("runners.search", "add_index_arguments", "run_index",
+        "index": ("runners.index_cli", "add_index_arguments", "run_index",
                   "export a run's stored database codes to FAISS binary indexes (flat, hash, multihash, ivf, hnsw)"),
-        "search": ("runners.search", "add_search_arguments", "run_search",
-                   "encode one image or text query with a run's hash model and list its nearest stored items"),
+        "search": ("runners.search_cli", "add_search_arguments", "run_search",
+                   "encode image or text queries (one or a batch) with a run's hash model and list their nearest "
+                   "stored items, optionally within one task"),
+        "serve": ("runners.serve", "add_serve_arguments", "run_serve",
+                  "serve a run's index over HTTP (JSON search API on FastAPI + uvicorn; pip install 'ccmh[serve]')"),
     }
     for name, (module, add, run, help_text) in commands.items():
         found = _optional_command(module, add, run)

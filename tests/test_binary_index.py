@@ -280,9 +280,16 @@ def _expected_ranking(run, modality, code, k):
     return [(keys[j][0], keys[j][1], int(dist[0][j])) for j in order]
 
 
+def encode_query(model, modality, features, task_index):
+    """The {-1,+1} code (1, bits) of one feature vector, through the library's encoder."""
+    from runners.query_inputs import QueryFeatures
+    from runners.retrieval import encode_queries
+
+    return torch.from_numpy(encode_queries(model, QueryFeatures(modality, np.asarray(features)[None]), task_index))
+
+
 def test_index_and_search_cli(tiny_run, capsys):
     from runners.experiment import load_run
-    from runners.search import encode_query
 
     run_dir = tiny_run / "run"
     run = load_run(run_dir)
@@ -301,7 +308,7 @@ def test_index_and_search_cli(tiny_run, capsys):
     assert result["index"]["modality"] == "image" and len(result["results"]) == 7
     # the same query encoded by hand (task-agnostic), ranked by brute force with prefix truncation
     feats = np.load(tiny_run / "q.npy")
-    code16 = encode_query(run.model, "text", feats[2], None, None)
+    code16 = encode_query(run.model, "text", feats[2], None)
     assert result["query"]["code"] == "".join("1" if b > 0 else "0" for b in code16[0].tolist())
     assert result["query"]["bits"] == 16 and result["query"]["task"] is None
     assert [(r["task"] - 1, r["position"], r["distance"]) for r in result["results"]] == \
@@ -355,7 +362,6 @@ def test_search_with_a_caption_an_image_and_a_cache_row(tiny_run, capsys, tmp_pa
 
     from dataset.clip_extract import encode_texts, load_clip
     from runners.experiment import load_run
-    from runners.search import encode_query
 
     cache, cfg, spec = _tiny_clip_cache(tmp_path)
     run_dir = tiny_run / "run"
@@ -369,7 +375,7 @@ def test_search_with_a_caption_an_image_and_a_cache_row(tiny_run, capsys, tmp_pa
     clip = load_clip(spec, torch.device("cpu"))
     with torch.no_grad():
         feats, _ = encode_texts(clip.model, clip.tokenizer(["a small dog"]), None)
-    expected = encode_query(run.model, "text", feats[0].numpy(), None, None)
+    expected = encode_query(run.model, "text", feats[0].numpy(), None)
     assert result["query"]["code"] == "".join("1" if b > 0 else "0" for b in expected[0].tolist())
     # without --stable-ties FAISS may pick other members of a tie: compare distances
     assert [r["distance"] for r in result["results"]] == [x[2] for x in _expected_ranking(run, "text", expected, 5)]
