@@ -313,15 +313,24 @@ class Shard:
         return D, I
 
     def _faiss_search(self, kind: str, q: np.ndarray, k: int, values: Dict[str, int], sp) -> tuple:
-        if kind in ("hash", "multihash"):
-            with self.lock:
-                before = self.index.nflip
-                self.index.nflip = int(values["nflip"])
-                try:
-                    return self.index.search(q, k)
-                finally:
-                    self.index.nflip = before
-        return self.index.search(q, k, params=sp)
+        return faiss_search(self.index, kind, q, k, values, sp=sp, lock=self.lock)
+
+
+def faiss_search(index, kind: str, q: np.ndarray, k: int, params: Dict[str, int], sp=None,
+                 lock: Optional[threading.Lock] = None) -> tuple:
+    """(D, I) of one FAISS search of a ``kind`` index with this call's search-time
+    ``params`` (``sp``: a ready FAISS ``SearchParameters``, else made from ``params``).
+    The hash kinds have no FAISS parameter object: their nflip is set for the call and
+    restored, under ``lock`` when the index is shared between threads."""
+    if kind in ("hash", "multihash"):
+        with lock or threading.Lock():
+            before = index.nflip
+            index.nflip = int(params.get("nflip", before))
+            try:
+                return index.search(q, k)
+            finally:
+                index.nflip = before
+    return index.search(q, k, params=sp if sp is not None else _faiss_parameters(kind, params, None))
 
 
 @dataclass

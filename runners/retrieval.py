@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ class Catalog:
         stream = stream if stream is not None else build("dataset", config).load()
         captions: Dict[str, str] = {}
         block = config.get("dataset", {})
-        if block.get("name") == "clip_cache":
+        if block.get("name") == "clip_cache":  # captions live in the cache only
             from dataset.feature_cache import read_cache
 
             cache = read_cache(block["path"], captions=True)
@@ -66,6 +66,11 @@ class SearchTarget:
     @property
     def joint(self) -> bool:
         return self.run.results.get("mode") == "joint"
+
+    def feature_cache(self) -> Optional[str]:
+        """The CLIP feature cache the run was trained on (a ``clip_cache`` dataset's path)."""
+        block = self.run.config.get("dataset", {})
+        return block.get("path") if block.get("name") == "clip_cache" else None
 
     def check_task(self, task: Optional[int]) -> None:
         """``task`` (1-based) must be one the model finished and the index holds."""
@@ -241,7 +246,3 @@ def search_params(nflip: Optional[int] = None, nprobe: Optional[int] = None,
                   ef_search: Optional[int] = None) -> Dict[str, int]:
     """The given per-call search parameters as the dict ``search`` takes."""
     return {k: v for k, v in (("nflip", nflip), ("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
-
-
-def batches(n: int, size: int) -> Sequence[slice]:
-    return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]

@@ -56,15 +56,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--row", type=int, metavar="N", help="row of --feature-file / of the dataset split (0-based)")
     src.add_argument("--split", choices=("query", "database", "train", "val"), default="query",
                      help="--from-dataset: which split (default: query)")
-    src.add_argument("--cache", metavar="FILE",
-                     help="--caption / --image / captions and images in --queries: the feature cache whose CLIP "
-                          "model encodes them (default: the run's clip_cache dataset path)")
-    src.add_argument("--pretrained", metavar="WEIGHTS",
-                     help="the CLIP weights file the cache was made with (checked against the cache's fingerprint; "
-                          "not needed for a cache made with random weights)")
-    src.add_argument("--model-config", metavar="FILE",
-                     help="the open_clip model config JSON the cache was made with, if custom")
-    parser.add_argument("--device", default="cpu", help="device for the CLIP query encoder: cpu (default), auto, cuda")
+    add_clip_arguments(src)
     parser.add_argument("--task", type=int, metavar="T",
                         help="encode the queries as task T (1-based) and search only task T's stored codes; with "
                              "--from-dataset also the task whose split holds the queries (default: task-agnostic "
@@ -85,6 +77,19 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                              "row per hit), atomically")
 
 
+def add_clip_arguments(group) -> None:
+    """The flags of the CLIP model that encodes raw captions / images (search, serve)."""
+    group.add_argument("--cache", metavar="FILE",
+                       help="feature cache whose CLIP model encodes captions and images (default: the run's "
+                            "clip_cache dataset path)")
+    group.add_argument("--pretrained", metavar="WEIGHTS",
+                       help="the CLIP weights file the cache was made with (checked against the cache's "
+                            "fingerprint; not needed for a cache made with random weights)")
+    group.add_argument("--model-config", metavar="FILE",
+                       help="the open_clip model config JSON the cache was made with, if custom")
+    group.add_argument("--device", default="cpu", help="device for the CLIP encoder: cpu (default), auto, cuda")
+
+
 def _modality(args: argparse.Namespace) -> str:
     implied = "text" if args.caption is not None else "image" if args.image is not None else None
     if implied and args.query_modality and args.query_modality != implied:
@@ -97,8 +102,7 @@ def _modality(args: argparse.Namespace) -> str:
 
 
 def _encoder(args: argparse.Namespace, target: SearchTarget, what: str) -> ClipQueryEncoder:
-    block = target.run.config.get("dataset", {})
-    cache = args.cache or (block.get("path") if block.get("name") == "clip_cache" else None)
+    cache = args.cache or target.feature_cache()
     if not cache:
         raise UserError(
             f"{what}: encoding a raw query needs the CLIP model of the run's feature cache: give --cache FILE.h5 "

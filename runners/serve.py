@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from runners.search_cli import add_clip_arguments
 from utils.errors import UserError
 
 
@@ -23,16 +24,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=256, metavar="N",
                         help="most queries in one request (default 256); larger batches get HTTP 413")
     parser.add_argument("--max-k", type=int, default=1000, metavar="K", help="largest k a request may ask (default 1000)")
-    parser.add_argument("--cache", metavar="FILE",
-                        help="feature cache whose CLIP model encodes caption / image requests (default: the run's "
-                             "clip_cache dataset path; without one, only feature requests are served)")
-    parser.add_argument("--pretrained", metavar="WEIGHTS", help="the CLIP weights file the cache was made with")
-    parser.add_argument("--model-config", metavar="FILE", help="the open_clip model config JSON of the cache, if custom")
-    parser.add_argument("--device", default="cpu", help="device for the CLIP encoder: cpu (default), auto, cuda")
+    add_clip_arguments(parser.add_argument_group(
+        "raw captions / images (without a feature cache, only feature requests are served)"))
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="FAISS and torch threads per request (default 1: concurrent requests are the "
+                             "parallelism; more threads per request oversubscribe the cores)")
+
+
+def set_search_threads(n: int) -> None:
+    """FAISS (OpenMP) and torch intra-op threads of this process: the serving process's
+    own setting, made once at start-up by the command."""
+    import faiss
+    import torch
+
+    faiss.omp_set_num_threads(n)
+    torch.set_num_threads(n)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    for flag, value in (("--port", args.port), ("--max-batch", args.max_batch), ("--max-k", args.max_k)):
+    for flag, value in (("--port", args.port), ("--max-batch", args.max_batch), ("--max-k", args.max_k),
+                        ("--threads", args.threads)):
         if value < 1 or (flag == "--port" and value > 65535):
             raise UserError(f"{flag}: must be {'1..65535' if flag == '--port' else '>= 1'}, got {value}")
     try:
@@ -44,9 +55,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from runners.query_inputs import ClipQueryEncoder
     from runners.retrieval import open_target
 
+    set_search_threads(args.threads)
     target = open_target(args.run_dir, args.index)
-    block = target.run.config.get("dataset", {})
-    cache = args.cache or (block.get("path") if block.get("name") == "clip_cache" else None)
+    cache = args.cache or target.feature_cache()
     encoder = ClipQueryEncoder.load(cache, args.pretrained, args.model_config, args.device) if cache else None
     app = build_app(target, encoder, max_batch=args.max_batch, max_k=args.max_k)
     info = target.info()
