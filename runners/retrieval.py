@@ -238,7 +238,7 @@ def precision_at(target: SearchTarget, result: SearchResult, query_labels: np.nd
         db = target.run.store.get(int(t)).labels
         mask = found & (result.hits.task == t)
         qi, col = np.nonzero(mask)
-        rel[qi, col] = (np.asarray(query_labels)[qi] > 0).__and__(db[result.hits.position[qi, col]] > 0).any(axis=1)
+        rel[qi, col] = np.logical_and(np.asarray(query_labels)[qi] > 0, db[result.hits.position[qi, col]] > 0).any(axis=1)
     return rel[:, :n].sum(axis=1) / float(n)
 
 

@@ -115,6 +115,13 @@ def test_search_cli_messages(demo_run, tmp_path, capsys):
                       str(tmp_path / "nan.npy"), "--row", "0", "--task", "7"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: --task 7: not a task")
+    # errors name the flags, not the library's parameter names
+    for args, flag in ((["evaluate", "--topk", "0"], "--topk"), (["evaluate", "--precision-at", "10", "0"], "--precision-at"),
+                       (["search", "--query-modality", "text", "--queries", str(tmp_path / "nan.npy"), "--k", "0"], "--k"),
+                       (["search", "--query-modality", "text", "--queries", str(tmp_path / "nan.npy"), "--nprobe", "3"],
+                        "--nprobe 3: nprobe is not a search parameter of a flat index")):
+        assert main.main([args[0], "--run-dir", str(demo_run), *args[1:]]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {flag}")
     # a flat index returns fewer than k only when the task holds fewer items, and says so
     np.save(tmp_path / "q.npy", np.zeros((1, 76), np.float32))
     assert main.main(["search", "--run-dir", str(demo_run), "--query-modality", "text", "--feature-file",
