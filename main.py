@@ -2,7 +2,7 @@
 
 ``python main.py --config-file configs/CASH/demo.yaml`` trains and evaluates one config
 (the ``train`` command, the default). Other commands: ``compare``, ``evaluate``,
-``extract``, ``index``, ``search``, ``list``; ``python main.py COMMAND --help``
+``extract``, ``index``, ``search``, ``serve``, ``list``; ``python main.py COMMAND --help``
 explains each. Importing this module fills
 every registry and runs nothing.
 """
@@ -19,7 +19,7 @@ import models  # noqa: F401  (registers models)
 import runners  # noqa: F401  (registers runners, optimisers, schedules)
 from common.register import DATASETS, MODELS, OPTIMIZERS, RUNNERS, SCHEDULERS
 from dataset import extract_cli
-from runners import compare, evaluate_cli, search
+from runners import compare, evaluate_cli, index_cli, search_cli, serve
 from utils.errors import UserError
 
 
@@ -106,16 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=run_train)
     commands = (
         ("compare", compare, "add_compare_arguments", "run_compare",
-         "run several configs (or reuse finished runs) and write a side-by-side table and plots"),
+         "run several configs over one or more seeds (or reuse finished runs) and write tables of mean +/- std, "
+         "paired differences and plots"),
         ("evaluate", evaluate_cli, "add_evaluate_arguments", "run_evaluate",
          "re-score a finished run from its checkpoint and stored codes (mAP@K, tie-aware mAP, "
          "precision@N, PR curve) without retraining"),
         ("extract", extract_cli, "add_extract_arguments", "run_extract",
          "extract CLIP image/text features from raw images and captions into a feature cache"),
-        ("index", search, "add_index_arguments", "run_index",
+        ("index", index_cli, "add_index_arguments", "run_index",
          "export a run's stored database codes to FAISS binary indexes (flat, hash, multihash, ivf, hnsw)"),
-        ("search", search, "add_search_arguments", "run_search",
-         "encode one image or text query with a run's hash model and list its nearest stored items"),
+        ("search", search_cli, "add_search_arguments", "run_search",
+         "encode image or text queries (one or a batch) with a run's hash model and list their nearest "
+         "stored items, optionally within one task"),
+        ("serve", serve, "add_serve_arguments", "run_serve",
+         "serve a run's index over HTTP (JSON search API on FastAPI + uvicorn; pip install 'ccmh[serve]')"),
     )
     for name, module, add, run, help_text in commands:
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")

@@ -29,7 +29,11 @@ setup(
         "faiss-cpu>=1.7.4",
         "numba>=0.60",  # the sort-free mAP kernel of common/metrics/numba_engine.py (NumPy fallback without it)
     ],
-    extras_require={"dev": ["pytest>=7.0"]},
+    extras_require={
+        # the HTTP search service (python main.py serve); httpx is its tests' client
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+        "dev": ["pytest>=7.0", "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+    },
     entry_points={"console_scripts": ["ccmh=main:main"]},
     license="MIT",
     classifiers=[

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.binary_index import (  # noqa: E402
-    build_faiss_index, resolve_params, serialized_bytes, set_search_params,
+    build_faiss_index, faiss_search, resolve_params, serialized_bytes,
 )
 
 MISSING = -1
@@ -157,15 +157,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         nbytes = len(serialized_bytes(index))
         fixed = ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("nflip", "nprobe", "ef_search"))
         for sp in searches:
-            set_search_params(index, kind, sp)
+            call = {**params, **sp}  # this variant's search-time parameters, passed with each search
             label = ", ".join(x for x in (fixed, ", ".join(f"{k}={v}" for k, v in sp.items())) if x) or "-"
             for k in args.k:
-                t, (D, I) = timed(lambda: index.search(queries, k))
+                t, (D, I) = timed(lambda: faiss_search(index, kind, queries, k, call))
                 if kind == "flat" and k not in truth:
                     truth[k] = D.astype(np.int64)
                 if kind == "flat" and not args.no_numpy:
                     assert np.array_equal(np.sort(D, axis=1), truth[k]), "flat and numpy distances differ"
-                single = [timed(lambda i=i: index.search(queries[i : i + 1], k))[0] for i in range(args.single)]
+                single = [timed(lambda i=i: faiss_search(index, kind, queries[i : i + 1], k, call))[0]
+                          for i in range(args.single)]
                 row = {"index": kind, "params": label, "build_s": t_build, "bytes": nbytes, "rss_mb": rss_mb,
                        "k": k, "batch_ms": 1e3 * t / args.queries, "single_ms": 1e3 * statistics.median(single),
                        "recall": recall_at_k(D, I, truth[k]), "returned": float((I != MISSING).sum(axis=1).mean())}

@@ -87,9 +87,21 @@ def loop_step(model, batch, optimizers, scheduler, grad_clip, sums: Dict[str, An
             sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
 
 
+def _config_module():
+    """Where config loading lives in the imported tree: runners.config now, utils.config
+    in the reference revision."""
+    try:
+        import runners.config as config
+    except ImportError:
+        import utils.config as config
+    return config
+
+
 def method_config(root: Path, method: str, quick: bool) -> Dict[str, Any]:
-    from utils.config import load_config, signature_params
     from common.register import MODELS
+    from utils.config import signature_params
+
+    load_config = _config_module().load_config
 
     cfg = copy.deepcopy(load_config(root / "configs" / method / "coco.yaml"))
     cfg["dataset"] = {"name": "synthetic", "preset": "coco_balanced", "seed": 0,
@@ -143,11 +155,11 @@ def prepare(args: argparse.Namespace) -> Dict[str, Any]:
     import models
     from models.base import Batch
     from runners.optim import build_optimizers
-    from utils.config import build
     from utils.seed import resolve_device, seed_everything, task_seed
 
     if Path(models.__file__).resolve().parents[1] != root:
         raise SystemExit(f"worker imported models from {models.__file__}, not from {root}")
+    build = _config_module().build
     cfg = method_config(root, args.method, args.quick)
     runner_cfg = cfg["runner"]
     device = resolve_device(args.device, key="--device")
@@ -194,8 +206,8 @@ def make_step(args: argparse.Namespace, setup: Dict[str, Any]):
             loop_step(model, batch_at(i), setup["optimizers"], setup["scheduler"], setup["grad_clip"], sums, True)
         return step, "the reference loop (per-step isfinite + float of every loss term)"
     from runners import continual
-    from utils.config import build
 
+    build = _config_module().build
     if hasattr(continual.ContinualRunner, "train_step") and hasattr(continual.ContinualRunner, "task_optim"):
         cfg = setup["config"]
         runner = build("runner", cfg)

@@ -45,6 +45,7 @@ import hashlib
 import io
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -155,68 +156,97 @@ def default_params(kind: str, n: int, bits: int) -> Dict[str, int]:
 
 def resolve_params(kind: str, n: int, bits: int, given: Optional[Dict[str, Any]] = None) -> Dict[str, int]:
     """``default_params`` overridden by the non-None entries of ``given``, checked and
-    fitted to ``bits`` (a shard with shorter codes than a requested hash width hashes
-    all its real bits)."""
+    fitted to ``bits`` (a shard with shorter codes than the requested hash width hashes
+    all its real bits; ``BinaryIndex.build`` refuses a width longer than every code)."""
     params = default_params(kind, n, bits)
     allowed = BUILD_PARAMS[kind]
-    for key, value in (given or {}).items():
-        if value is None:
-            continue
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    for key, value in given.items():
         if key not in allowed:
-            raise UserError(f"{key}: not a parameter of a {kind} index "
+            raise UserError(f"--{key.replace('_', '-')}: not a parameter of a {kind} index "
                             f"(its parameters: {', '.join(allowed) or 'none'})")
         params[key] = int(value)
     for key, value in params.items():
         low = 0 if key == "nflip" else 1
         if value < low:
-            raise UserError(f"{key}: must be >= {low}, got {value}")
+            raise UserError(f"--{key.replace('_', '-')}: must be >= {low}, got {value}")
     if kind in ("hash", "multihash"):
         params["hash_bits"] = min(params["hash_bits"], bits, 64)
-        if kind == "multihash" and (given or {}).get("nhash") is None:
-            params["nhash"] = max(1, bits // params["hash_bits"])  # tables tile the real bits
-        if kind == "multihash" and params["nhash"] * params["hash_bits"] > bits:
-            params["nhash"] = max(1, bits // params["hash_bits"])
+        if kind == "multihash":
+            if "nhash" in given and params["nhash"] * params["hash_bits"] > bits:
+                raise UserError(f"--nhash {params['nhash']}: {params['nhash']} tables of {params['hash_bits']} bits "
+                                f"need {params['nhash'] * params['hash_bits']} bits; the stored codes have {bits}")
+            if "nhash" not in given:
+                params["nhash"] = max(1, bits // params["hash_bits"])  # tables tile the real bits
     if kind == "ivf":
         params["nlist"] = max(1, min(params["nlist"], n))
         params["nprobe"] = min(params["nprobe"], params["nlist"])
     return params
 
 
+# FAISS ``index_binary_factory`` descriptions, filled from the build parameters.
+FACTORY = {
+    "flat": "BFlat", "hash": "BHash{hash_bits}", "multihash": "BHash{nhash}x{hash_bits}",
+    "ivf": "BIVF{nlist}", "hnsw": "BHNSW{hnsw_m}",
+}
+
+
+def factory_string(kind: str, params: Dict[str, int]) -> str:
+    """The ``faiss.index_binary_factory`` description of a ``kind`` index with ``params``."""
+    if kind not in FACTORY:
+        raise UserError(f"index kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    return FACTORY[kind].format(**params)
+
+
 def build_faiss_index(kind: str, packed: np.ndarray, d: int, params: Dict[str, int]):
-    """A FAISS binary index of ``kind`` over ``packed`` (N, d / 8) codes (trained if the
-    kind needs it); ids are the row numbers 0..N-1."""
+    """A FAISS binary index of ``kind`` over ``packed`` (N, d / 8) codes, made by
+    ``index_binary_factory`` and trained if the kind needs it; ids are the row numbers
+    0..N-1. Search-time parameters are not stored in it: they go with each search."""
     faiss = _faiss()
-    if kind == "flat":
-        index = faiss.IndexBinaryFlat(d)
-    elif kind == "hash":
-        index = faiss.IndexBinaryHash(d, params["hash_bits"])
-    elif kind == "multihash":
-        index = faiss.IndexBinaryMultiHash(d, params["nhash"], params["hash_bits"])
-    elif kind == "ivf":
-        # The Python wrapper keeps the quantizer alive (referenced_objects).
-        index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(d), d, params["nlist"])
-        # k-means on at most 256 codes per list (FAISS's sample), with a fixed seed so
-        # the same codes give the same index.
+    index = faiss.index_binary_factory(d, factory_string(kind, params))
+    if not index.is_trained:
+        # IVF: k-means on at most 256 codes per list (FAISS's sample), with a fixed seed
+        # so the same codes give the same index.
         index.cp.seed = 1234
         index.train(packed)
-    elif kind == "hnsw":
-        index = faiss.IndexBinaryHNSW(d, params["hnsw_m"])
-    else:
-        raise UserError(f"index kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-    set_search_params(index, kind, params)
     if packed.shape[0]:
         index.add(packed)
     return index
 
 
-def set_search_params(index, kind: str, params: Dict[str, Any]) -> None:
-    """Apply the search-time parameters of ``kind`` present in ``params``."""
-    if kind in ("hash", "multihash") and params.get("nflip") is not None:
-        index.nflip = int(params["nflip"])
-    elif kind == "ivf" and params.get("nprobe") is not None:
-        index.nprobe = int(params["nprobe"])
-    elif kind == "hnsw" and params.get("ef_search") is not None:
-        index.hnsw.efSearch = int(params["ef_search"])
+def check_search_params(kind: str, params: Optional[Dict[str, Any]]) -> Dict[str, int]:
+    """The non-None search-time parameters of ``params``, refused when not one of
+    ``kind``'s (``SEARCH_PARAMS``) or negative."""
+    out: Dict[str, int] = {}
+    for key, value in (params or {}).items():
+        if value is None:
+            continue
+        if key not in SEARCH_PARAMS[kind]:
+            raise UserError(f"{key} is not a search parameter of a {kind} index "
+                            f"(its search parameters: {', '.join(SEARCH_PARAMS[kind]) or 'none'})")
+        if int(value) < (0 if key == "nflip" else 1):
+            raise UserError(f"{key} must be >= {0 if key == 'nflip' else 1}, got {value}")
+        out[key] = int(value)
+    return out
+
+
+def _faiss_parameters(kind: str, params: Dict[str, int], sel):
+    """A FAISS ``SearchParameters`` object for one call (None for the hash kinds, which
+    FAISS gives no such object)."""
+    faiss = _faiss()
+    makers = {
+        "flat": lambda: faiss.SearchParameters(sel=sel) if sel is not None else None,
+        "ivf": lambda: faiss.SearchParametersIVF(nprobe=params["nprobe"]),
+        "hnsw": lambda: faiss.SearchParametersHNSW(efSearch=params["ef_search"], sel=sel),
+        "hash": lambda: None,
+        "multihash": lambda: None,
+    }
+    return makers[kind]()
+
+
+# Kinds whose FAISS search honours an IDSelector; the others are searched deeper and
+# filtered (see ``Shard.search``).
+SELECTABLE = ("flat", "hnsw")
 
 
 def serialized_bytes(index) -> bytes:
@@ -226,7 +256,8 @@ def serialized_bytes(index) -> bytes:
 # ---------------------------------------------------------------------- one modality
 @dataclass
 class Shard:
-    """The codes of one length: a FAISS index and, per FAISS id, where the item is from."""
+    """The codes of one length: a FAISS index and, per FAISS id, where the item is from
+    (tasks in ascending order, each task's items contiguous)."""
 
     bits: int
     index: Any
@@ -234,6 +265,9 @@ class Shard:
     positions: np.ndarray  # (n,) int64 row in that task's database
     ids: np.ndarray        # (n,) str sample ids (the database position when a task has none)
     params: Dict[str, int] = field(default_factory=dict)
+    # FAISS hash indexes take nflip only as an attribute: a per-call value is set and
+    # restored under this lock, so concurrent searches never see another call's value.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.tasks.shape[0])
@@ -242,11 +276,100 @@ class Shard:
     def d(self) -> int:
         return padded_bits(self.bits)
 
+    def span(self, task: Optional[int]) -> tuple:
+        """The FAISS id range [lo, hi) of store task key ``task`` (all ids for None)."""
+        if task is None:
+            return 0, len(self)
+        return int(np.searchsorted(self.tasks, task, "left")), int(np.searchsorted(self.tasks, task, "right"))
+
+    def search(self, kind: str, q: np.ndarray, k: int, params: Dict[str, int], lo: int, hi: int,
+               stable_ties: bool) -> tuple:
+        """(D, I) arrays (Q, k) of packed queries ``q`` over ids [lo, hi), local ids,
+        -1 where nothing was found. Kinds without IDSelector support are searched
+        deeper (doubling) until every query has k hits in range or the whole shard was
+        read; ``stable_ties`` (flat) re-reads the tie group at the k-th distance."""
+        whole = lo == 0 and hi == len(self)
+        sel = None if whole or kind not in SELECTABLE else _faiss().IDSelectorRange(lo, hi)
+        values = {**self.params, **params}
+        sp = _faiss_parameters(kind, values, sel)
+        depth = k if whole or sel is not None else min(len(self), k * -(-len(self) // (hi - lo)))
+        while True:
+            D, I = self._faiss_search(kind, q, depth, values, sp)
+            I = np.where(D == MISSING_DISTANCE, MISSING_ID, I).astype(np.int64)
+            if not whole and sel is None:
+                inside = (I >= lo) & (I < hi)
+                order = np.argsort(~inside, axis=1, kind="stable")[:, :k]
+                D = np.take_along_axis(np.where(inside, D, MISSING_DISTANCE), order, 1)
+                I = np.take_along_axis(np.where(inside, I, MISSING_ID), order, 1)
+                if depth < len(self) and np.any(I[:, -1] < 0):
+                    depth = min(len(self), 2 * depth)
+                    continue
+            break
+        D = D.astype(np.int64)
+        if stable_ties:
+            for i in range(q.shape[0]):
+                if I[i, -1] >= 0:
+                    D[i], I[i] = _stable_top(self.index, q[i : i + 1], int(D[i, -1]), k, sp)
+        return D, I
+
+    def _faiss_search(self, kind: str, q: np.ndarray, k: int, values: Dict[str, int], sp) -> tuple:
+        return faiss_search(self.index, kind, q, k, values, sp=sp, lock=self.lock)
+
+
+def faiss_search(index, kind: str, q: np.ndarray, k: int, params: Dict[str, int], sp=None,
+                 lock: Optional[threading.Lock] = None) -> tuple:
+    """(D, I) of one FAISS search of a ``kind`` index with this call's search-time
+    ``params`` (``sp``: a ready FAISS ``SearchParameters``, else made from ``params``).
+    The hash kinds have no FAISS parameter object: their nflip is set for the call and
+    restored, under ``lock`` when the index is shared between threads."""
+    if kind in ("hash", "multihash"):
+        with lock or threading.Lock():
+            before = index.nflip
+            index.nflip = int(params.get("nflip", before))
+            try:
+                return index.search(q, k)
+            finally:
+                index.nflip = before
+    return index.search(q, k, params=sp if sp is not None else _faiss_parameters(kind, params, None))
+
 
 @dataclass
+class Neighbours:
+    """Top-k results of a batch of Q queries, best first, as (Q, k) arrays: Hamming
+    distance (over ``bits``, the length of the stored code matched), store task key,
+    database position, FAISS shard length and sample id; -1 (id "") where a query got
+    fewer than k (``count`` per query)."""
+
+    distance: np.ndarray
+    task: np.ndarray
+    position: np.ndarray
+    bits: np.ndarray
+    ids: np.ndarray
+    count: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.distance.shape[0])
+
+    def __getitem__(self, i: int) -> Hits:
+        n = int(self.count[i])
+        return Hits(self.distance[i, :n], self.task[i, :n], self.position[i, :n], self.bits[i, :n],
+                    [str(x) for x in self.ids[i, :n]])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def rows(self, i: int) -> List[Dict[str, Any]]:
+        """The hits of query ``i`` as plain dicts (task 1-based, as the CLI prints it)."""
+        return [
+            {"rank": r + 1, "distance": int(self.distance[i, r]), "bits": int(self.bits[i, r]),
+             "task": int(self.task[i, r]) + 1, "position": int(self.position[i, r]), "id": str(self.ids[i, r])}
+            for r in range(int(self.count[i]))
+        ]
+
+
+@dataclass(frozen=True)
 class Hits:
-    """The results of one query, best first: Hamming distance (over ``bits``, the
-    length of the stored code matched), store task key, database position, sample id."""
+    """A view of one query's row of ``Neighbours``: its ``len`` found hits, best first."""
 
     distance: np.ndarray
     task: np.ndarray
@@ -256,14 +379,6 @@ class Hits:
 
     def __len__(self) -> int:
         return int(self.distance.shape[0])
-
-    def rows(self) -> List[Dict[str, Any]]:
-        """Plain dicts (task 1-based, as the CLI prints it)."""
-        return [
-            {"rank": r + 1, "distance": int(self.distance[r]), "bits": int(self.bits[r]),
-             "task": int(self.task[r]) + 1, "position": int(self.position[r]), "id": self.ids[r]}
-            for r in range(len(self))
-        ]
 
 
 class BinaryIndex:
@@ -289,6 +404,11 @@ class BinaryIndex:
         entries = store.entries(tasks)
         if not entries:
             raise DataError("the code store is empty: no finished task to index")
+        longest = max(e.bits for e in entries)
+        width = (params or {}).get("hash_bits")
+        if kind in ("hash", "multihash") and width is not None and width > min(longest, 64):
+            raise UserError(f"--hash-bits {width}: longer than the stored codes ({longest} bits at most; "
+                            f"give at most {min(longest, 64)})")
         shards = []
         for bits in sorted({e.bits for e in entries}):
             group = [e for e in entries if e.bits == bits]
@@ -310,64 +430,73 @@ class BinaryIndex:
     def lengths(self) -> List[int]:
         return [s.bits for s in self.shards]
 
-    def set_search_params(self, params: Dict[str, Any]) -> None:
-        """Change search-time parameters (nflip / nprobe / ef_search) of every shard."""
-        allowed = SEARCH_PARAMS[self.kind]
-        for key, value in params.items():
-            if value is not None and key not in allowed:
-                raise UserError(f"{key}: not a search parameter of a {self.kind} index "
-                                f"(its search parameters: {', '.join(allowed) or 'none'})")
+    def task_sizes(self) -> Dict[int, Dict[str, int]]:
+        """{store task key: {"bits": length, "count": items}} of every indexed task."""
+        out: Dict[int, Dict[str, int]] = {}
         for shard in self.shards:
-            set_search_params(shard.index, self.kind, params)
-            shard.params.update({k: int(v) for k, v in params.items() if v is not None})
+            keys, counts = np.unique(shard.tasks, return_counts=True)
+            out.update({int(t): {"bits": shard.bits, "count": int(c)} for t, c in zip(keys, counts)})
+        return dict(sorted(out.items()))
 
-    def search(self, queries: torch.Tensor | np.ndarray, k: int, stable_ties: bool = False) -> List[Hits]:
+    def search(
+        self, queries: torch.Tensor | np.ndarray, k: int, task: Optional[int] = None,
+        params: Optional[Dict[str, Any]] = None, stable_ties: bool = False,
+    ) -> Neighbours:
         """Top ``k`` stored items for each query code (Q, B) in {-1,+1}; B must be at
-        least every stored length. Returns one ``Hits`` per query (possibly shorter
-        than k for the hashed kinds). ``stable_ties`` (flat only): equal distances in
-        task / position order, exactly as the evaluation ranks them."""
+        least every stored length. ``task``: only that store task key's codes.
+        ``params``: search-time parameters for this call (nflip / nprobe / ef_search;
+        default: the index's own). ``stable_ties`` (flat only): equal distances in task
+        / position order, exactly as the evaluation ranks them."""
         if k < 1:
-            raise UserError(f"k: must be a positive integer, got {k}")
+            raise UserError(f"k must be >= 1, got {k}")
         if stable_ties and self.kind != "flat":
             raise UserError(f"stable tie order needs an exact (flat) index; this one is {self.kind}")
+        values = check_search_params(self.kind, params)
         q_all = queries.detach().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries)
         if q_all.ndim == 1:
             q_all = q_all[None, :]
-        nq = q_all.shape[0]
-        parts: List[List[tuple]] = [[] for _ in range(nq)]
+        if task is not None and task not in self.task_sizes():
+            raise UserError(f"task {int(task) + 1} is not in the index (its tasks: "
+                            f"{', '.join(str(t + 1) for t in self.task_sizes())})")
+        parts = []
         for shard in self.shards:
-            if not len(shard):
-                continue
-            q = pack_prefix(q_all, shard.bits)
-            kk = min(k, len(shard))
-            D, I = shard.index.search(q, kk)
-            for i in range(nq):
-                if stable_ties:
-                    dist, local = _stable_top(shard.index, q[i : i + 1], D[i], I[i], kk)
-                else:
-                    keep = (I[i] != MISSING_ID) & (D[i] != MISSING_DISTANCE)
-                    dist, local = D[i][keep].astype(np.int64), I[i][keep].astype(np.int64)
-                parts[i].append((shard, dist, local))
-        return [self._merge(p, k) for p in parts]
-
-    @staticmethod
-    def _merge(parts: List[tuple], k: int) -> Hits:
-        dist = np.concatenate([d for _, d, _ in parts]) if parts else np.zeros(0, np.int64)
-        task = np.concatenate([s.tasks[l] for s, _, l in parts]) if parts else np.zeros(0, np.int64)
-        pos = np.concatenate([s.positions[l] for s, _, l in parts]) if parts else np.zeros(0, np.int64)
-        bits = np.concatenate([np.full(len(l), s.bits, np.int64) for s, _, l in parts]) if parts else np.zeros(0, np.int64)
-        ids = [str(x) for s, _, l in parts for x in s.ids[l]]
-        order = np.lexsort((pos, task, dist))[:k]  # distance, then task, then position
-        return Hits(dist[order], task[order], pos[order], bits[order], [ids[j] for j in order])
+            lo, hi = shard.span(task)
+            if hi > lo:
+                D, I = shard.search(self.kind, pack_prefix(q_all, shard.bits), min(k, hi - lo), values, lo, hi,
+                                    stable_ties)
+                parts.append((shard, D, I))
+        return _merge(parts, k, q_all.shape[0])
 
 
-def _stable_top(index, q: np.ndarray, D: np.ndarray, I: np.ndarray, k: int):
+def _merge(parts: List[tuple], k: int, nq: int) -> Neighbours:
+    """The shards' hits merged per query by distance, then task, then position (the
+    database order the evaluation uses), cut to k; all as arrays."""
+    far = np.iinfo(np.int64).max
+    cols = {name: [] for name in ("distance", "task", "position", "bits", "ids")}
+    for shard, D, I in parts:
+        found = I >= 0
+        local = np.where(found, I, 0)
+        cols["distance"].append(np.where(found, D, far))
+        cols["task"].append(np.where(found, shard.tasks[local], -1))
+        cols["position"].append(np.where(found, shard.positions[local], -1))
+        cols["bits"].append(np.where(found, shard.bits, -1))
+        cols["ids"].append(np.where(found, shard.ids[local], ""))
+    if not parts:
+        empty = np.full((nq, 0), -1, np.int64)
+        return Neighbours(empty, empty, empty, empty, np.full((nq, 0), "", dtype=str), np.zeros(nq, np.int64))
+    arrays = {name: np.concatenate(v, axis=1) for name, v in cols.items()}
+    order = np.lexsort((arrays["position"], arrays["task"], arrays["distance"]), axis=-1)[:, :k]
+    arrays = {name: np.take_along_axis(a, order, 1) for name, a in arrays.items()}
+    count = (arrays["distance"] != far).sum(axis=1)
+    arrays["distance"] = np.where(arrays["distance"] == far, -1, arrays["distance"])
+    return Neighbours(count=count, **arrays)
+
+
+def _stable_top(index, q: np.ndarray, kth: int, k: int, sp) -> tuple:
     """Exact top k of one query with ties in id (= task, position) order: every item
-    at the k-th distance is fetched by a range search (radius is exclusive in FAISS)."""
-    if I.shape[0] < k or np.any(I < 0):
-        return D.astype(np.int64), I.astype(np.int64)
-    kth = int(D[-1])
-    lims, Dr, Ir = index.range_search(q, kth + 1)
+    at the k-th distance ``kth`` is fetched by a range search (radius is exclusive in
+    FAISS), under the same id selector as the search."""
+    lims, Dr, Ir = index.range_search(q, kth + 1, params=sp)
     dist = np.asarray(Dr[lims[0] : lims[1]]).astype(np.int64)
     local = np.asarray(Ir[lims[0] : lims[1]]).astype(np.int64)
     order = np.lexsort((local, dist))[:k]
@@ -386,12 +515,12 @@ class IndexFolder:
     def for_query(self, query_modality: str) -> BinaryIndex:
         """The index a query of ``query_modality`` searches (the other modality's codes)."""
         if query_modality not in MODALITIES:
-            raise UserError(f"query_modality: expected image or text, got {query_modality!r}")
+            raise UserError(f"--query-modality: expected image or text, got {query_modality!r}")
         stored = "image" if query_modality == "text" else "text"
         if stored not in self.indexes:
             raise DataError(
                 f"{self.path}: holds {', '.join(sorted(self.indexes))} codes only; a {query_modality} query needs "
-                f"the {stored} codes (rebuild the index with both modalities)"
+                f"the {stored} codes (rebuild with --modalities image text)"
             )
         return self.indexes[stored]
 
@@ -422,10 +551,10 @@ def save_index_folder(
         raise ValueError(f"indexes of one folder share a kind, got {sorted(kinds)}")
     first = next(iter(indexes.values()))
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder}: exists and is not a folder; pick another folder")
+        raise UserError(f"{folder}: exists and is not a folder; pick another --output")
     if folder.is_dir() and any(folder.iterdir()):
         if not (folder / MANIFEST).is_file():
-            raise UserError(f"{folder}: folder is not empty and holds no {MANIFEST}; pick another folder")
+            raise UserError(f"{folder}: folder is not empty and holds no {MANIFEST}; pick another --output")
         for old in list(folder.glob("*.index")) + [folder / ID_MAP, folder / MANIFEST]:
             if old.exists():
                 old.unlink()
@@ -451,7 +580,7 @@ def save_index_folder(
             shards.append({
                 "bits": shard.bits, "d": shard.d, "count": len(shard), "file": _file_name(modality, shard.bits),
                 "bytes": len(data), "tasks": sorted(int(t) + 1 for t in np.unique(shard.tasks)),
-                "params": dict(shard.params),
+                "factory": factory_string(ix.kind, shard.params), "params": dict(shard.params),
             })
         modalities[modality] = {"serves": "text" if modality == "image" else "image", "shards": shards}
     manifest = {
@@ -477,7 +606,7 @@ def read_manifest(folder: str | Path) -> Dict[str, Any]:
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        raise DataError(f"{folder}: no index there (expected {MANIFEST}, written by save_index_folder or the index command)")
+        raise DataError(f"{folder}: no index there (expected {MANIFEST}); build one with 'python main.py index --run-dir RUN'")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -17,6 +17,7 @@ from common.calc_utils import calc_map_k, calc_pr_curve, calc_precision_at_n
 from runners.evaluation import encode_codes
 from runners.experiment import load_run
 from runners.config import build
+from utils.errors import UserError
 from utils.io import atomic_write_json
 from utils.seed import resolve_device
 
@@ -64,6 +65,10 @@ def score_queries(codes, labels, entries, args) -> Dict[str, Any]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    if args.topk is not None and args.topk < 1:
+        raise UserError(f"--topk: must be >= 1 (or left out for mAP@all), got {args.topk}")
+    if any(n < 1 for n in args.precision_at):
+        raise UserError(f"--precision-at: every N must be >= 1, got {min(args.precision_at)}")
     device = resolve_device(args.device, key="--device")  # before reading anything: one line if absent
     run = load_run(args.run_dir, task=args.task, device=str(device))
     stream = build("dataset", run.config).load()

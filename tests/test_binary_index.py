@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from common.binary_index import (
-    KINDS, MISSING_ID, BinaryIndex, build_faiss_index, export_store, load_index_folder, pack_prefix,
+    KINDS, MISSING_ID, BinaryIndex, build_faiss_index, export_store, factory_string, load_index_folder,
+    pack_prefix,
     resolve_params, save_index_folder,
 )
 from common.calc_utils import hamming_distance
@@ -190,19 +191,53 @@ def test_bad_input_refused(data):
     index = BinaryIndex.build(store, "image", "flat")
     with pytest.raises(UserError, match="at least as long"):
         index.search(np.ones((1, 14)), 5)  # shorter than the 16-bit codes
-    with pytest.raises(UserError, match="k: must be a positive integer, got 0"):
+    with pytest.raises(UserError, match="k must be >= 1"):
         index.search(queries, 0)
     with pytest.raises(UserError, match="kind"):
         BinaryIndex.build(store, "image", "lsh")
-    with pytest.raises(UserError, match="nprobe: not a parameter of a hash index"):
+    with pytest.raises(UserError, match="--nprobe"):
         BinaryIndex.build(store, "image", "hash", {"nprobe": 3})
-    with pytest.raises(UserError, match="search parameter"):
-        index.set_search_params({"nflip": 1})
+    with pytest.raises(UserError, match="nflip is not a search parameter of a flat index"):
+        index.search(queries, 3, params={"nflip": 1})
+    with pytest.raises(UserError, match="task 3 is not in the index"):
+        index.search(queries, 3, task=2)
+    with pytest.raises(UserError, match="--hash-bits 17: longer than the stored codes"):
+        BinaryIndex.build(store, "image", "hash", {"hash_bits": 17})
+    with pytest.raises(UserError, match="--nhash 3"):
+        BinaryIndex.build(store, "image", "multihash", {"hash_bits": 6, "nhash": 3})
     with pytest.raises(DataError, match="empty"):
         BinaryIndex.build(CodeStore(), "image", "flat")
     assert resolve_params("multihash", 10**6, 64, {}) == {"hash_bits": 20, "nhash": 3, "nflip": 1}
     ix = build_faiss_index("flat", np.zeros((3, 2), np.uint8), 16, {})
     assert ix.ntotal == 3
+    assert [factory_string(k, resolve_params(k, 10**4, 16)) for k in KINDS] == [
+        "BFlat", "BHash14", "BHash2x8", "BIVF100", "BHNSW16"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_task_filter_and_per_call_parameters(data, kind):
+    """A task filter returns only that task's items, and for the exact index exactly the
+    brute-force ranking of that task's codes alone; per-call search parameters change
+    one call and leave the index's own untouched."""
+    store, queries = data
+    index = BinaryIndex.build(store, "text", kind)
+    dist, keys = brute_force(store, "text", queries)
+    for task in (0, 1):
+        res = index.search(queries, 12, task=task, stable_ties=kind == "flat")
+        assert res.distance.shape == (len(queries), 12)
+        assert set(res.task[res.count[:, None] > np.arange(12)].tolist()) == {task}
+        cols = [j for j, (t, _) in enumerate(keys) if t == task]
+        for qi, hits in enumerate(res):
+            for d, p in zip(hits.distance, hits.position):
+                assert dist[qi, keys.index((task, int(p)))] == d
+            if kind == "flat":
+                order = np.argsort(dist[qi, cols], kind="stable")[:12]
+                assert hits.position.tolist() == [keys[cols[j]][1] for j in order]
+    if kind in ("hash", "multihash"):
+        before = [s.index.nflip for s in index.shards]
+        wide = index.search(queries, 50, params={"nflip": 3})
+        assert [s.index.nflip for s in index.shards] == before
+        assert wide.count.sum() >= index.search(queries, 50).count.sum()
 
 
 # ---------------------------------------------------------------------- end to end (CLI)
@@ -245,9 +280,16 @@ def _expected_ranking(run, modality, code, k):
     return [(keys[j][0], keys[j][1], int(dist[0][j])) for j in order]
 
 
+def encode_query(model, modality, features, task_index):
+    """The {-1,+1} code (1, bits) of one feature vector, through the library's encoder."""
+    from runners.query_inputs import QueryFeatures
+    from runners.retrieval import encode_queries
+
+    return torch.from_numpy(encode_queries(model, QueryFeatures(modality, np.asarray(features)[None]), task_index))
+
+
 def test_index_and_search_cli(tiny_run, capsys):
     from runners.experiment import load_run
-    from runners.search import encode_query
 
     run_dir = tiny_run / "run"
     run = load_run(run_dir)
@@ -266,7 +308,7 @@ def test_index_and_search_cli(tiny_run, capsys):
     assert result["index"]["modality"] == "image" and len(result["results"]) == 7
     # the same query encoded by hand (task-agnostic), ranked by brute force with prefix truncation
     feats = np.load(tiny_run / "q.npy")
-    code16 = encode_query(run.model, "text", feats[2], None, None)
+    code16 = encode_query(run.model, "text", feats[2], None)
     assert result["query"]["code"] == "".join("1" if b > 0 else "0" for b in code16[0].tolist())
     assert result["query"]["bits"] == 16 and result["query"]["task"] is None
     assert [(r["task"] - 1, r["position"], r["distance"]) for r in result["results"]] == \
@@ -320,7 +362,6 @@ def test_search_with_a_caption_an_image_and_a_cache_row(tiny_run, capsys, tmp_pa
 
     from dataset.clip_extract import encode_texts, load_clip
     from runners.experiment import load_run
-    from runners.search import encode_query
 
     cache, cfg, spec = _tiny_clip_cache(tmp_path)
     run_dir = tiny_run / "run"
@@ -331,10 +372,11 @@ def test_search_with_a_caption_an_image_and_a_cache_row(tiny_run, capsys, tmp_pa
                            "--model-config", cfg, "--k", "5", "--json"], capsys)
     assert code == 0, err
     result = json.loads(out)
+    assert "No pretrained weights" not in err  # a random-weight cache is random on purpose
     clip = load_clip(spec, torch.device("cpu"))
     with torch.no_grad():
         feats, _ = encode_texts(clip.model, clip.tokenizer(["a small dog"]), None)
-    expected = encode_query(run.model, "text", feats[0].numpy(), None, None)
+    expected = encode_query(run.model, "text", feats[0].numpy(), None)
     assert result["query"]["code"] == "".join("1" if b > 0 else "0" for b in expected[0].tolist())
     # without --stable-ties FAISS may pick other members of a tie: compare distances
     assert [r["distance"] for r in result["results"]] == [x[2] for x in _expected_ranking(run, "text", expected, 5)]
@@ -369,9 +411,9 @@ def test_search_with_a_caption_an_image_and_a_cache_row(tiny_run, capsys, tmp_pa
         (["search", "--run-dir", "{run}/run", "--query-modality", "text", "--from-dataset", "--task", "3",
           "--row", "0"], "--task 3: out of range"),
         (["search", "--run-dir", "{run}/run", "--query-modality", "text", "--feature-file", "{run}/q.npy",
-          "--row", "0", "--nprobe", "3"], "nprobe: not a search parameter of a flat index"),
+          "--row", "0", "--nprobe", "3"], "--nprobe"),
         (["index", "--run-dir", "{run}/nope"], "run directory not found"),
-        (["index", "--run-dir", "{run}/run", "--kind", "flat", "--nflip", "2", "--output", "{run}/ix2"], "nflip: not a parameter of a flat index"),
+        (["index", "--run-dir", "{run}/run", "--kind", "flat", "--nflip", "2", "--output", "{run}/ix2"], "--nflip"),
         (["index", "--run-dir", "{run}/run", "--after-task", "5"], "task 5"),
     ],
 )
