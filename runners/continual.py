@@ -34,6 +34,7 @@ from runners.outputs import RunOutput
 from runners.results import DIRECTIONS, RunResults
 from utils.distributed import DistContext, init_distributed, shutdown, sync_rows
 from utils.errors import UserError
+from utils.provenance import environment
 from utils.seed import resolve_device, seed_everything, task_seed
 
 ModelFactory = Callable[[], HashModel]
@@ -175,6 +176,7 @@ class ContinualRunner:
         T = len(stream)
         results = self._fresh_results(stream, method)
         results.config = output.config
+        results.environment = environment(device)
         store = CodeStore()
         start = 0
         if resume:
@@ -184,6 +186,7 @@ class ContinualRunner:
                 model.load_state_dict(ckpt["model"])
                 store = CodeStore.from_state(ckpt["store"])
                 results = RunResults.from_dict(ckpt["results"])
+                results.environment = environment(device)  # the process that finishes the run
                 start = int(ckpt["next_task"])
         output.prepare(resume=resume and start > 0)
         log = output.logger

@@ -57,6 +57,7 @@ class RunResults:
     label_names: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     config: Optional[Dict[str, Any]] = None
+    environment: Optional[Dict[str, Any]] = None
     bit_order: Optional[List[int]] = None
     bit_scalable: Optional[Dict[str, Dict[str, float]]] = None
 

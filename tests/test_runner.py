@@ -258,3 +258,11 @@ def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="runner.amp: fp16 needs a CUDA device"):
             run_config(tiny_config("DSPH", amp="fp16", device="cpu"), tmp_path / "fp16", quiet=True)
+
+
+def test_results_record_where_they_came_from(trained):
+    out, res = trained
+    env = json.loads((out / "results.json").read_text())["environment"]
+    assert env["torch"] == torch.__version__ and env["numpy"] == np.__version__
+    assert env["device"] == "cpu" and env["python"]
+    assert (env["git_commit"] is None) == (env["git_dirty"] is None)
