@@ -18,9 +18,8 @@ import dataset  # noqa: F401  (registers datasets)
 import models  # noqa: F401  (registers models)
 import runners  # noqa: F401  (registers runners, optimisers, schedules)
 from common.register import DATASETS, MODELS, OPTIMIZERS, RUNNERS, SCHEDULERS
-from dataset import extract_cli
-from runners import compare, evaluate_cli, index_cli, search_cli, serve
-from utils.errors import UserError
+from runners import compare, evaluate_cli, extract_cli, index_cli, search_cli, serve
+from utils.errors import ParameterError, UserError
 
 
 def default_output_dir(config_file: str | Path) -> Path:
@@ -141,8 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:  # a library call's parameter is named by its flag here
+        print(f"error: {exc.as_flag() if isinstance(exc, ParameterError) else exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if getattr(args, "overwrite", False):

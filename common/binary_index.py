@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from common.code_store import MODALITIES, CodeStore
-from utils.errors import DataError, UserError
+from utils.errors import DataError, ParameterError, UserError
 from utils.io import atomic_write_bytes, atomic_write_json
 
 KINDS = ("flat", "hash", "multihash", "ivf", "hnsw")
@@ -163,19 +163,19 @@ def resolve_params(kind: str, n: int, bits: int, given: Optional[Dict[str, Any]]
     given = {k: v for k, v in (given or {}).items() if v is not None}
     for key, value in given.items():
         if key not in allowed:
-            raise UserError(f"--{key.replace('_', '-')}: not a parameter of a {kind} index "
-                            f"(its parameters: {', '.join(allowed) or 'none'})")
+            raise ParameterError(key, f": not a parameter of a {kind} index "
+                                      f"(its parameters: {', '.join(allowed) or 'none'})")
         params[key] = int(value)
     for key, value in params.items():
         low = 0 if key == "nflip" else 1
         if value < low:
-            raise UserError(f"--{key.replace('_', '-')}: must be >= {low}, got {value}")
+            raise ParameterError(key, f": must be >= {low}, got {value}")
     if kind in ("hash", "multihash"):
         params["hash_bits"] = min(params["hash_bits"], bits, 64)
         if kind == "multihash":
             if "nhash" in given and params["nhash"] * params["hash_bits"] > bits:
-                raise UserError(f"--nhash {params['nhash']}: {params['nhash']} tables of {params['hash_bits']} bits "
-                                f"need {params['nhash'] * params['hash_bits']} bits; the stored codes have {bits}")
+                raise ParameterError("nhash", f" {params['nhash']}: {params['nhash']} tables of {params['hash_bits']} "
+                                     f"bits need {params['nhash'] * params['hash_bits']} bits; the stored codes have {bits}")
             if "nhash" not in given:
                 params["nhash"] = max(1, bits // params["hash_bits"])  # tables tile the real bits
     if kind == "ivf":
@@ -407,8 +407,8 @@ class BinaryIndex:
         longest = max(e.bits for e in entries)
         width = (params or {}).get("hash_bits")
         if kind in ("hash", "multihash") and width is not None and width > min(longest, 64):
-            raise UserError(f"--hash-bits {width}: longer than the stored codes ({longest} bits at most; "
-                            f"give at most {min(longest, 64)})")
+            raise ParameterError("hash_bits", f" {width}: longer than the stored codes ({longest} bits at most; "
+                                              f"give at most {min(longest, 64)})")
         shards = []
         for bits in sorted({e.bits for e in entries}):
             group = [e for e in entries if e.bits == bits]
@@ -515,7 +515,7 @@ class IndexFolder:
     def for_query(self, query_modality: str) -> BinaryIndex:
         """The index a query of ``query_modality`` searches (the other modality's codes)."""
         if query_modality not in MODALITIES:
-            raise UserError(f"--query-modality: expected image or text, got {query_modality!r}")
+            raise ParameterError("query_modality", f": expected image or text, got {query_modality!r}")
         stored = "image" if query_modality == "text" else "text"
         if stored not in self.indexes:
             raise DataError(

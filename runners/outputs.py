@@ -69,7 +69,9 @@ def checkpoint_payload(obj: Any, where: str = "checkpoint") -> Any:
         return torch.from_numpy(np.array(obj, copy=True))
     if isinstance(obj, np.generic):
         return obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
+    if isinstance(obj, str):
+        return str(obj)  # a str subclass (e.g. torch's TorchVersion) would be pickled as its class
+    if obj is None or isinstance(obj, (bool, int, float)):
         return obj
     if isinstance(obj, (list, tuple)):
         out = [checkpoint_payload(v, f"{where}[{i}]") for i, v in enumerate(obj)]

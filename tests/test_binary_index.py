@@ -195,15 +195,15 @@ def test_bad_input_refused(data):
         index.search(queries, 0)
     with pytest.raises(UserError, match="kind"):
         BinaryIndex.build(store, "image", "lsh")
-    with pytest.raises(UserError, match="--nprobe"):
+    with pytest.raises(UserError, match="nprobe: not a parameter of a hash index"):
         BinaryIndex.build(store, "image", "hash", {"nprobe": 3})
     with pytest.raises(UserError, match="nflip is not a search parameter of a flat index"):
         index.search(queries, 3, params={"nflip": 1})
     with pytest.raises(UserError, match="task 3 is not in the index"):
         index.search(queries, 3, task=2)
-    with pytest.raises(UserError, match="--hash-bits 17: longer than the stored codes"):
+    with pytest.raises(UserError, match="hash_bits 17: longer than the stored codes"):
         BinaryIndex.build(store, "image", "hash", {"hash_bits": 17})
-    with pytest.raises(UserError, match="--nhash 3"):
+    with pytest.raises(UserError, match="nhash 3: 3 tables"):
         BinaryIndex.build(store, "image", "multihash", {"hash_bits": 6, "nhash": 3})
     with pytest.raises(DataError, match="empty"):
         BinaryIndex.build(CodeStore(), "image", "flat")

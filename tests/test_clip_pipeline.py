@@ -22,7 +22,7 @@ from dataset.clip_extract import (
     ExtractOptions, ModelSpec, encode_texts, evenly_spaced, extract_features, load_clip, register_model_config,
     resolve_weights,
 )
-from dataset.extract_cli import add_extract_arguments, run_extract
+from runners.extract_cli import add_extract_arguments, run_extract
 from dataset.feature_cache import partial_path, read_cache
 from dataset.label_names import COCO, NUSWIDE81, TASK_PRESETS, resolve_label_names, resolve_tasks
 from dataset.raw_sources import PathRewrite, common_folder, read_source

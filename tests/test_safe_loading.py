@@ -120,3 +120,13 @@ def test_rng_states_survive_a_safe_checkpoint():
     random.setstate((back["python"][0], tuple(back["python"][1]), back["python"][2]))
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def test_string_subclasses_are_saved_as_plain_strings():
+    """torch.__version__ is a str subclass that weights_only=True would refuse to load."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(checkpoint_payload({"torch": torch.__version__}), buf)
+    back = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert back == {"torch": str(torch.__version__)} and type(back["torch"]) is str

@@ -15,3 +15,16 @@ class DataError(UserError):
 
 class OutputError(UserError):
     """An output directory or file cannot be used: in use, not writable, full, or not a directory."""
+
+
+class ParameterError(UserError):
+    """A bad value of a named parameter of a library call (``hash_bits 80: ...``). Library
+    code stays neutral; the command line names the flag instead (``--hash-bits 80: ...``)."""
+
+    def __init__(self, param: str, detail: str) -> None:
+        super().__init__(f"{param}{detail}")
+        self.param = param
+        self.detail = detail
+
+    def as_flag(self) -> str:
+        return f"--{self.param.replace('_', '-')}{self.detail}"

@@ -41,9 +41,9 @@ def environment(device: Any) -> Dict[str, Any]:
         "git_commit": commit,
         "git_dirty": dirty,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "torch": str(torch.__version__),
+        "numpy": str(numpy.__version__),
+        "cuda": str(torch.version.cuda) if torch.cuda.is_available() else None,
         "device": str(device),
         "command": " ".join(sys.argv),
     }
