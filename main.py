@@ -66,17 +66,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from runners.experiment import format_results, run_config
-    from runners.config import load_config
+    from runners.config import read_config
+    from runners.experiment import format_results, prepare
 
     if args.output_dir is not None and not args.output_dir.strip():
         raise UserError("--output-dir: empty; give a directory, or leave the flag out for the default "
                         f"({default_output_dir(args.config_file)})")
-    config = load_config(args.config_file, args.overrides)
-    if args.quiet:
-        config["runner"]["progress"] = False
+    quiet = ["runner.progress=false"] if args.quiet else []   # no progress bars either (display-only)
+    experiment = prepare(read_config(args.config_file, [*args.overrides, *quiet]), source=str(args.config_file))
     out = Path(args.output_dir) if args.output_dir else default_output_dir(args.config_file)
-    results = run_config(config, out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
+    results = experiment.run(out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         print(format_results(results))
         print(f"\nresults: {out / 'results.json'}")

@@ -115,9 +115,15 @@ def build(kind: str, cfg: Dict[str, Any], **injected: Any) -> Any:
     return build_block(kind, cfg[kind], kind, **injected)
 
 
+def read_config(path: str | Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Read a config file (with ``_base_`` inheritance) and apply ``--set`` overrides, not
+    yet validated: ``runners.experiment.prepare`` validates it once, with the run."""
+    return apply_overrides(load_yaml_tree(path), overrides)
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
-    """Read (with ``_base_`` inheritance), override and validate a config file."""
-    cfg = apply_overrides(load_yaml_tree(path), overrides)
+    """Read, override and validate a config file."""
+    cfg = read_config(path, overrides)
     validate_config(cfg, source=str(path))
     return cfg
 
