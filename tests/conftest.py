@@ -62,6 +62,19 @@ def build_model(name: str, stream, seed: int = 0):
                        num_classes=stream.num_classes)
 
 
+# A three-task multi-label stream for the continual methods' own tests (CASH, PBEH).
+CONTINUAL_STREAM = dict(num_classes=12, num_tasks=3, image_dim=24, text_dim=20, query_size=20, train_size=64,
+                        database_size=100, noise=0.5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    """``CONTINUAL_STREAM`` loaded (the tests that take ``stream`` train on it)."""
+    from common.register import DATASETS
+
+    return DATASETS.get("synthetic")(**CONTINUAL_STREAM).load()
+
+
 @pytest.fixture(scope="session")
 def tiny_stream():
     from common.register import DATASETS

@@ -9,7 +9,6 @@ import torch
 import models  # noqa: F401  (registers the models)
 from common.code_store import CodeStore
 from common.register import MODELS
-from dataset.synthetic import SyntheticDataset
 from models import losses as L
 from models.cash import CASH, infer_task, select_bits
 from models.prompts import PromptCrossAttention, select_prompts
@@ -17,16 +16,10 @@ from utils.config import check_kwargs
 from utils.errors import ConfigError
 from hash_model_checks import finish_task, run_task_sequence, task_steps
 
-IMAGE_DIM, TEXT_DIM, CLASSES = 24, 20, 12
+from conftest import CONTINUAL_STREAM
+
+IMAGE_DIM, TEXT_DIM, CLASSES = CONTINUAL_STREAM["image_dim"], CONTINUAL_STREAM["text_dim"], CONTINUAL_STREAM["num_classes"]
 SMALL = dict(bits=8, width=16, hidden=32, heads=2, prompt_length=4)
-
-
-@pytest.fixture(scope="module")
-def stream():
-    return SyntheticDataset(
-        num_classes=CLASSES, num_tasks=3, image_dim=IMAGE_DIM, text_dim=TEXT_DIM,
-        query_size=20, train_size=64, database_size=100, noise=0.5, seed=3,
-    ).load()
 
 
 def build(**kw) -> CASH:

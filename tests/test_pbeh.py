@@ -11,7 +11,6 @@ import torch
 import models  # noqa: F401  (registers the models)
 from common.code_store import CodeStore
 from common.register import MODELS
-from dataset.synthetic import SyntheticDataset
 from models import losses as L
 from models.base import sign_codes
 from models.pbeh import PBEH, count_far_from_centre, majority_centre
@@ -19,16 +18,10 @@ from utils.config import check_kwargs
 from utils.errors import ConfigError
 from hash_model_checks import finish_task, run_task_sequence, task_steps
 
-IMAGE_DIM, TEXT_DIM, CLASSES = 24, 20, 12
+from conftest import CONTINUAL_STREAM
+
+IMAGE_DIM, TEXT_DIM, CLASSES = CONTINUAL_STREAM["image_dim"], CONTINUAL_STREAM["text_dim"], CONTINUAL_STREAM["num_classes"]
 SMALL = dict(bits=8, width=16, hidden=32, heads=2, prompt_divisor=20)
-
-
-@pytest.fixture(scope="module")
-def stream():
-    return SyntheticDataset(
-        num_classes=CLASSES, num_tasks=3, image_dim=IMAGE_DIM, text_dim=TEXT_DIM,
-        query_size=20, train_size=64, database_size=100, noise=0.5, seed=3,
-    ).load()
 
 
 def build(**kw) -> PBEH:
