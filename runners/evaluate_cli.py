@@ -26,7 +26,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", required=True, metavar="DIR", help="an output directory written by 'train'")
     parser.add_argument("--task", type=int, metavar="T",
                         help="evaluate the model and codes as they were after task T (1-based; default: the last)")
-    parser.add_argument("--topk", type=int, metavar="K", help="standard mAP@K instead of mAP@all")
+    parser.add_argument("--topk", metavar="K|all",
+                        help="standard mAP@K, or 'all' for mAP@all (default: the metric the run was trained with, "
+                             "its runner.topk)")
     parser.add_argument("--ties", choices=("index", "average"), default="index",
                         help="tie order inside equal Hamming distances: ascending database index (default) or the "
                              "tie-aware expectation over all orders")
@@ -35,6 +37,28 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pr-curve", action="store_true", help="also report precision / recall by Hamming radius")
     parser.add_argument("--output", metavar="FILE.json", help="write the figures to this JSON file (atomically)")
     parser.add_argument("--device", default="cpu", help="device to encode queries on (cpu, cuda, cuda:N, auto)")
+
+
+def _fig(v: float) -> str:
+    """As the run's log prints it: rounded to 6 decimals as in results.json, shown with 4."""
+    return f"{round(v, 6):.4f}"
+
+
+def report_lines(method: str, task: int, metric: str, ties: str, report: Dict[str, Any]) -> List[str]:
+    """The console summary of an evaluation report: mAP per task and task-agnostic, and
+    precision@N and the PR curve per task and for the task-agnostic queries when asked."""
+    lines = [f"{method} after task {task}: {metric} (ties: {ties})"]
+    rows = [(f"task {j + 1}", r) for j, r in enumerate(report["per_task"])] + [("agnostic", report["task_agnostic"])]
+    for d in ("i2t", "t2i"):
+        lines.append(f"{d}: " + "  ".join(f"{name} {_fig(r[d]['map'])}" for name, r in rows))
+        for name, r in rows:
+            if "precision_at" in r[d]:
+                lines.append(f"  {name} precision@N: " + ", ".join(f"@{n} {_fig(v)}" for n, v in r[d]["precision_at"].items()))
+            if "pr_curve" in r[d]:
+                pr = r[d]["pr_curve"]
+                lines.append(f"  {name} precision / recall by Hamming radius: " + ", ".join(
+                    f"r{int(rad)} {p:.3f}/{rc:.3f}" for rad, p, rc in zip(pr["radius"], pr["precision"], pr["recall"])))
+    return lines
 
 
 def _direction_inputs(codes: Dict[str, torch.Tensor], entries) -> Dict[str, tuple]:
@@ -64,13 +88,28 @@ def score_queries(codes, labels, entries, args) -> Dict[str, Any]:
     return result
 
 
+def _topk(value: Any, run_topk: Any) -> Any:
+    """``--topk``: None = the run's own metric, ``all`` = mAP@all, else a positive K."""
+    if value is None:
+        return run_topk
+    if str(value).strip().lower() == "all":
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        raise UserError(f"--topk: expected a positive integer or 'all', got {value!r}") from None
+    if k < 1:
+        raise UserError(f"--topk: must be >= 1 (or 'all' for mAP@all), got {k}")
+    return k
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
-    if args.topk is not None and args.topk < 1:
-        raise UserError(f"--topk: must be >= 1 (or left out for mAP@all), got {args.topk}")
+    _topk(args.topk, None)  # a bad value is refused before anything is read
     if any(n < 1 for n in args.precision_at):
         raise UserError(f"--precision-at: every N must be >= 1, got {min(args.precision_at)}")
     device = resolve_device(args.device, key="--device")  # before reading anything: one line if absent
     run = load_run(args.run_dir, task=args.task, device=str(device))
+    args.topk = _topk(args.topk, run.config["runner"].get("topk"))
     stream = build("dataset", run.config).load()
     metric = "mAP@all" if args.topk is None else f"mAP@{args.topk}"
     report: Dict[str, Any] = {
@@ -88,14 +127,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     allq = FeatureSet.concat(queries)
     codes = encode_codes(run.model, allq, None)
     report["task_agnostic"] = score_queries(codes, allq.labels, run.store.entries(), args)
-    lines: List[str] = [f"{run.config['model']['name']} after task {run.task}: {metric} (ties: {args.ties})"]
-    for d in ("i2t", "t2i"):
-        per = "  ".join(f"task {j + 1} {r[d]['map']:.4f}" for j, r in enumerate(report["per_task"]))
-        lines.append(f"{d}: {per}  agnostic {report['task_agnostic'][d]['map']:.4f}")
-        for j, r in enumerate(report["per_task"]):
-            if "precision_at" in r[d]:
-                lines.append(f"  task {j + 1} precision@N: " + ", ".join(f"@{n} {v:.4f}" for n, v in r[d]["precision_at"].items()))
-    print("\n".join(lines))
+    print("\n".join(report_lines(run.config["model"]["name"], run.task, metric, args.ties, report)))
     if args.output:
         atomic_write_json(args.output, report)
         print(f"written: {args.output}")

@@ -266,3 +266,18 @@ def test_results_record_where_they_came_from(trained):
     assert env["torch"] == torch.__version__ and env["numpy"] == np.__version__
     assert env["device"] == "cpu" and env["python"]
     assert (env["git_commit"] is None) == (env["git_dirty"] is None)
+
+
+def test_evaluate_defaults_to_the_runs_metric_and_prints_every_asked_figure(tmp_path, capsys):
+    out = tmp_path / "run"
+    res = run_config(cfg(epochs=2, topk=20), out, quiet=True)
+    capsys.readouterr()
+    assert main.main(["evaluate", "--run-dir", str(out), "--pr-curve", "--precision-at", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "mAP@20" in text and "agnostic precision@N: @5" in text and "precision / recall by Hamming radius" in text
+    # the same rounding as the run's own log: round to 6 decimals, print 4
+    assert f"task 1 {round(res.map['i2t'][2][0], 6):.4f}" in text
+    assert main.main(["evaluate", "--run-dir", str(out), "--topk", "all"]) == 0
+    assert "mAP@all" in capsys.readouterr().out
+    assert main.main(["evaluate", "--run-dir", str(out), "--topk", "0"]) == 2
+    assert "--topk: must be >= 1" in capsys.readouterr().err
