@@ -156,20 +156,28 @@ def assert_batch_independent(model: HashModel, fs: FeatureSet, atol: float = 1e-
         torch.testing.assert_close(rev.flip(0), full, atol=atol, rtol=0)
 
 
-def assert_every_parameter_gets_gradient(model: HashModel, task: Task, batch_size: int = 16) -> None:
-    """Every parameter the optimisers see gets a non-zero gradient from one loss, and
-    every trainable parameter of the model is in some optimiser group."""
+def assert_every_parameter_gets_gradient(model: HashModel, task: Task, batch_size: int = 16) -> bool:
+    """After ``begin_task(0)``: every trainable parameter is in some optimiser group and
+    gets a non-zero gradient from one loss whose parts are scalars. Returns False, with
+    the loss never called, for a closed-form model (nothing trainable: the runner only
+    calls its ``fit``)."""
     torch.manual_seed(0)
     model.begin_task(task, 0)
     model.begin_epoch(task, 0, 0)
     model.train()
     grouped = {id(p) for g in model.param_groups(0) for p in g["params"]}
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in grouped]
-    assert not missing, f"parameters not given to any optimiser: {missing}"
+    assert not missing, f"parameters given to no optimiser: {missing}"
+    if not any(p.requires_grad for p in model.parameters()):
+        return False
     model.zero_grad()
-    model(batch_of(task.train, torch.arange(batch_size)), 0)["loss"].backward()
-    dead = [n for n, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
-    assert not dead, f"parameters without a gradient: {dead}"
+    losses = model(batch_of(task.train, torch.arange(batch_size)), 0)
+    assert "loss" in losses and all(v.dim() == 0 for v in losses.values())
+    losses["loss"].backward()
+    dead = [n for n, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not bool(p.grad.abs().sum() > 0))]
+    assert not dead, f"trainable parameters without a gradient: {dead}"
+    return True
 
 
 def assert_finite_loss(parts: Dict[str, torch.Tensor]) -> None:
