@@ -160,6 +160,7 @@ class PlannedRun:
     config: Dict[str, Any]
     run_dir: Path
     action: str = "run"   # run | resume | reuse | overwrite
+    experiment: Any = None  # the validated, prepared run (runners.experiment.Experiment)
 
 
 def plan_runs(files: Sequence[str], overrides: Sequence[str], seeds: Optional[Sequence[int]], out: Path,
@@ -182,9 +183,10 @@ def plan_runs(files: Sequence[str], overrides: Sequence[str], seeds: Optional[Se
             cfg = copy.deepcopy(config)
             if seed is not None:
                 cfg["runner"]["seed"] = seed
-            prepare(cfg, source=path)   # the runner and dataset accept their values
+            experiment = prepare(cfg, source=path)   # validated once, here: nothing runs before all are valid
             run_dir = out / "runs" / name / f"seed_{seed}" if seed is not None else out / "runs" / name
-            planned.append(PlannedRun(name, path, seed, cfg, run_dir, plan_run(run_dir, cfg, reuse, overwrite)))
+            planned.append(PlannedRun(name, path, seed, cfg, run_dir, plan_run(run_dir, cfg, reuse, overwrite),
+                                      experiment))
     return planned
 
 
@@ -202,12 +204,10 @@ def execute(planned: Sequence[PlannedRun], jobs: int = 1, quiet: bool = False) -
             print(f"compare: {'resuming' if p.action == 'resume' else 'running'} {p.config_file}"
                   + (f" seed {p.seed}" if p.seed is not None else "") + f" -> {p.run_dir}")
     if jobs == 1 or len(todo) <= 1:
-        from runners.experiment import run_config
-
         for i in todo:
             p = planned[i]
-            results[i] = run_config(p.config, p.run_dir, resume=p.action == "resume", quiet=quiet,
-                                    overwrite=p.action == "overwrite")
+            results[i] = p.experiment.run(p.run_dir, resume=p.action == "resume", quiet=quiet,
+                                          overwrite=p.action == "overwrite")
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -226,7 +226,8 @@ def execute(planned: Sequence[PlannedRun], jobs: int = 1, quiet: bool = False) -
 
 def _run_in_worker(config: Dict[str, Any], run_dir: str, action: str, threads: int) -> Dict[str, Any]:
     """One run in a worker process, with the parent's thread count (so its numbers equal
-    a serial run's); returns the results as plain data."""
+    a serial run's); returns the results as plain data. The config was validated by the
+    parent; a fresh interpreter prepares its own objects from it."""
     import torch
 
     import dataset  # noqa: F401  (fills the registries in the fresh interpreter)

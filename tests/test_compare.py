@@ -62,19 +62,20 @@ def args_for(files, out, overrides=(), reuse=True, overwrite=False):
 
 @pytest.fixture
 def no_training(monkeypatch):
-    """Record run_config calls instead of training; returns the call list."""
+    """Record Experiment.run calls instead of training; returns the call list."""
     import runners.experiment as experiment
 
     calls = []
 
-    def fake_run_config(config, output_dir, resume=False, quiet=False, overwrite=False):
+    def fake_run(self, output_dir, resume=False, quiet=False, overwrite=False):
+        config = self.config
         calls.append({"config": config, "dir": Path(output_dir), "resume": resume, "overwrite": overwrite})
         res = fake_results(config["model"]["name"], config, offset=-0.2 + 0.01 * config["runner"]["seed"])
         res["seed"] = config["runner"]["seed"]
         atomic_write_json(Path(output_dir) / "results.json", res)
         return RunResults.from_dict(res)
 
-    monkeypatch.setattr(experiment, "run_config", fake_run_config)
+    monkeypatch.setattr(experiment.Experiment, "run", fake_run)
     return calls
 
 
