@@ -319,10 +319,7 @@ class ContinualRunner:
     def batches(self, n: int, gen: torch.Generator, device: torch.device) -> List[torch.Tensor]:
         """The index batches of one epoch; a last batch of one sample is dropped (it
         breaks batch norm and pairwise losses)."""
-        chunks = list(torch.randperm(n, generator=gen).to(device).split(self.batch_size))
-        if len(chunks) > 1 and len(chunks[-1]) < 2:
-            chunks.pop()
-        return chunks
+        return list(torch.randperm(n, generator=gen).to(device).split(self.batch_size))[: self._steps_per_epoch(n)]
 
     def train_step(
         self, module: torch.nn.Module, model: HashModel, train: FeatureSet, idx: torch.Tensor,
@@ -399,8 +396,9 @@ class ContinualRunner:
         return module
 
     def _steps_per_epoch(self, n: int) -> int:
+        """Batches per epoch: every slice of ``batch_size``, less a last one of one sample."""
         steps = max(1, math.ceil(n / self.batch_size))
-        return steps - 1 if steps > 1 and n % self.batch_size == 1 else steps
+        return steps - 1 if steps > 1 and n - (steps - 1) * self.batch_size < 2 else steps
 
     def _bar(self, t: int, total: int):
         """A bar over the task's optimiser steps, shown only on an interactive terminal."""

@@ -8,6 +8,7 @@ from 1.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -22,11 +23,7 @@ def empty_matrix(n: int) -> Matrix:
 
 
 def _per_direction(value: Any) -> Dict[str, Any]:
-    return {d: copy_of(value) for d in DIRECTIONS}
-
-
-def copy_of(value: Any) -> Any:
-    return [copy_of(v) for v in value] if isinstance(value, list) else value
+    return {d: copy.deepcopy(value) for d in DIRECTIONS}
 
 
 @dataclass
@@ -69,7 +66,7 @@ class RunResults:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> Dict[str, Any]:
-        out = {f.name: copy_of(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
         for key in ("bit_order", "bit_scalable"):  # only for bit-scalable models
             if out[key] is None:
                 del out[key]
