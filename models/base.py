@@ -117,6 +117,13 @@ class HashModel(nn.Module):
         """Continuous codes (B, bits) for text features; see ``encode_image``."""
         raise NotImplementedError
 
+    def infer_tasks(self, features: torch.Tensor, modality: str) -> Optional[torch.Tensor]:
+        """The task index (B,) each sample is encoded with when ``task_index`` is None,
+        for models that infer the task themselves (CASH's heads, PBEH's prompts); None
+        for models whose codes ignore the task. Called in eval mode under no_grad by
+        the runner (to report task-inference accuracy); must not change any state."""
+        return None
+
     def train_buffers(self) -> List[torch.Tensor]:
         """Tensors whose first axis indexes the current task's train split and whose
         rows ``loss`` overwrites for the batch (e.g. continuous codes of every train

@@ -12,7 +12,8 @@ Deviations from the public code, each on purpose:
 - Task heads are trained task-vs-others (binary cross-entropy), not with positives only:
   the negatives of head t are ``head_negatives`` saved raw train features of every
   earlier task (evenly spaced rows, both modalities). They are used by the heads only,
-  never by the hash networks. ``head_negatives: 0`` restores positives-only training.
+  never by the hash networks. ``head_negatives: 0`` restores the public objective,
+  ``mean(1 - g)`` over the current task's samples (positives only).
 - The newest task head trains with an AdamW of its own at ``head_lr`` (1e-3): at the
   authors' 1e-5 / 1e-6 a freshly initialised ``Linear`` head hardly moves in 100 epochs,
   so its gate stays near ``sigmoid(init)`` and cannot tell tasks apart. ``head_lr: null``
@@ -360,7 +361,10 @@ class CASH(HashModel):
             head = self.task_heads[t]
             neg_logits = torch.cat([head(self.image_in(self.neg_image)), head(self.text_in(self.neg_text))])
         pos_logits = torch.cat([out["gv_logit"], out["gt_logit"]])
-        parts["task"] = L.task_discrimination_loss(pos_logits, neg_logits)
+        if self.head_negatives:
+            parts["task"] = L.task_discrimination_loss(pos_logits, neg_logits)
+        else:  # the public objective, positives only
+            parts["task"] = L.gate_loss(pos_logits)
         parts["distill"] = sum(
             F.mse_loss(out[a], out[a + "_x"]) for a in ("hv", "ht", "fv", "ft", "cv", "ct")
         )

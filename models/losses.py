@@ -79,17 +79,24 @@ def cosine_alignment_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return cont + binary.detach()
 
 
-def supervised_contrastive_loss(codes: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """Supervised contrastive loss within one modality (Khosla et al.): positives of a
-    sample are the other samples that share at least one label; the anchor itself is
-    excluded from both the positives and the denominator. Samples without any positive
-    in the batch are skipped."""
+def supervised_contrastive_loss(
+    codes: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1, include_self: bool = False,
+) -> torch.Tensor:
+    """Supervised contrastive loss within one modality: positives of a sample are the
+    samples that share at least one label with it. ``include_self`` False is Khosla
+    et al.'s form (the anchor is in neither the positives nor the denominator); True is
+    the PBEH public code's (the anchor counts as one of its own positives and in the
+    denominator). Samples without any positive are skipped."""
     n = codes.shape[0]
     logits = (codes @ codes.t()) / temperature
     self_mask = torch.eye(n, dtype=torch.bool, device=codes.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))
+    pos = label_overlap(labels, labels).bool()
+    if include_self:
+        pos = pos | self_mask
+    else:
+        logits = logits.masked_fill(self_mask, float("-inf"))
+        pos = pos & ~self_mask
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    pos = label_overlap(labels, labels).bool() & ~self_mask
     count = pos.sum(dim=1)
     keep = count > 0
     if not bool(keep.any()):
@@ -99,6 +106,12 @@ def supervised_contrastive_loss(codes: torch.Tensor, labels: torch.Tensor, tempe
 
 
 # ---------------------------------------------------------------------- continual terms
+def gate_loss(pos_logits: torch.Tensor) -> torch.Tensor:
+    """The CASH public code's task-head objective, positives only: ``mean(1 - sigmoid(logit))``
+    over the current task's samples (it opens the gate; nothing teaches the head to close it)."""
+    return (1 - torch.sigmoid(pos_logits)).mean()
+
+
 def task_discrimination_loss(pos_logits: torch.Tensor, neg_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Task-vs-others objective of a task head: binary cross-entropy with the current
     task's samples as positives and saved samples of other tasks as negatives (when

@@ -1,8 +1,10 @@
 """PBEH: Prompt-driven Bit Extension Hashing for continual cross-modal retrieval.
 
-Each task t adds a pool of ``ceil(N_train_t / prompt_divisor)`` modality-shared prompts.
-A sample picks the pool row closest to it (cosine), reads it through its modality's
-cross-attention, and the hash net of that modality encodes ``[x ; e]``:
+Each task t adds a pool of ``ceil(N_train_t / prompt_divisor)`` modality-shared prompts
+(``N_train_t`` counted before the validation split is carved off, as the public code
+counts its whole train file). A sample reads its ``prompt_top_k`` nearest pool rows
+(cosine; null = the whole pool) through its modality's cross-attention, and the hash
+net of that modality encodes ``[x ; e]``:
 ``Linear(2w, hidden)-ReLU-Linear(hidden, hidden)-ReLU-Linear(hidden, K)`` + L2-normalise,
 code ``sign``. After every task an exact majority-centre test over the stored database
 codes of the newest length decides whether the next task gets ``extend_bits`` more
@@ -12,9 +14,25 @@ its meaning and stored shorter codes are matched on their prefix.
 Deviations from the public code, each on purpose:
 - Attention runs on a per-sample ``(B, 1, D)`` layout, so a code never depends on the
   other samples of its batch (the public code attends across the batch).
+- Attention over several prompts. With the one selected prompt as the only key and
+  value (the paper's description), ``MHA(x, p, p) = W_o (W_v p + b_v) + b_o`` does not
+  depend on ``x`` beyond which prompt was picked, and ``W_q``, ``W_k`` never get a
+  gradient. Here a sample attends over its ``prompt_top_k`` nearest prompts of the
+  pool (null, the default: the whole pool), so what it reads depends on it, as the
+  paper intends a sample to read its task's prompts. ``prompt_top_k: 1`` restores the
+  described single-prompt form.
 - Queries of task j are encoded with task j's prompt pool (the public code used the
-  newest task's pool); task-agnostic queries choose among the pools of every task
-  seen, as the authors' validation does.
+  newest task's pool). Task-agnostic queries (which the public code never evaluates:
+  its task-agnostic validation function is never called) take the task of their
+  nearest prompt among every pool seen, then read that task's pool as above;
+  ``infer_tasks`` reports that choice.
+- ``match_weight`` (0 = the public code, which has no such term) pulls each sample's
+  nearest prompt of its task's pool towards it (``1 - cos``, as L2P's key matching),
+  so prompts come to lie where their task's samples are and the nearest-prompt task
+  choice of task-agnostic encoding becomes a task classifier.
+- The supervised contrastive term counts the anchor among its own positives and in
+  the denominator, as the public code does (``contrastive_self: false`` gives
+  Khosla et al.'s form, anchor excluded).
 - The extension test counts codes farther than K/2 from the majority centre on
   integer bits; a tied bit of the centre counts as +1 (the public code compared float
   codes with ``!=`` against a centre holding 0 for ties). ``extend_threshold: 0``
@@ -23,7 +41,8 @@ Deviations from the public code, each on purpose:
   sample lying on the prompt would get (the public code hashed ``[e ; e]``), and the
   comparison renormalises the first ``K_k`` outputs, so growing the code does not by
   itself move the anchored prefix.
-- Selection uses cosine similarity (prompts and samples L2-normalised).
+- Selection uses cosine similarity (prompts and samples L2-normalised); the public
+  code uses the raw inner product.
 - The binary similarity term of one public version (``sign`` codes; no gradient) and
   its optional centre-separation term are not part of the method description and are
   left out; the binary half of the cosine term is kept but carries no gradient.
@@ -51,7 +70,7 @@ from common.register import MODELS
 from models import losses as L
 from models.base import Batch, HashModel
 from models.prompts import (
-    PromptBank, zero_biases, PromptCrossAttention, common_width, input_projection, select_prompts,
+    PromptBank, PromptCrossAttention, common_width, input_projection, prompt_similarity, top_prompts, zero_biases,
 )
 from utils.errors import ConfigError
 
@@ -134,6 +153,7 @@ class PBEH(HashModel):
         heads: int = 8,
         prompt_std: Optional[float] = None,
         prompt_divisor: int = 400,
+        prompt_top_k: Optional[int] = None,
         extend_bits: int = 1,
         extend_threshold: float = 0.1,
         cosine_weight: float = 0.1,
@@ -142,6 +162,8 @@ class PBEH(HashModel):
         contrastive_weight: float = 1.0,
         distill_weight: float = 100.0,
         anchor_weight: float = 0.1,
+        match_weight: float = 0.0,
+        contrastive_self: bool = True,
         temperature: float = 0.1,
         similarity_scale: float = 16.0,
         later_lr_scale: float = 0.1,
@@ -154,6 +176,8 @@ class PBEH(HashModel):
                 raise ConfigError(f"model.{key}: must be a positive integer, got {value}")
         if self.width % heads:
             raise ConfigError(f"model.width: {self.width} is not divisible by model.heads = {heads}")
+        if prompt_top_k is not None and prompt_top_k < 1:
+            raise ConfigError(f"model.prompt_top_k: must be a positive integer or null (the whole pool), got {prompt_top_k}")
         if extend_bits < 0:
             raise ConfigError(f"model.extend_bits: must be >= 0, got {extend_bits}")
         if extend_threshold < 0:
@@ -164,11 +188,14 @@ class PBEH(HashModel):
             raise ConfigError("model.temperature and model.similarity_scale must be positive")
         self.initial_bits = int(bits)
         self.prompt_divisor = int(prompt_divisor)
+        self.prompt_top_k = None if prompt_top_k is None else int(prompt_top_k)
+        self.contrastive_self = bool(contrastive_self)
         self.extend_bits = int(extend_bits)
         self.extend_threshold = float(extend_threshold)
         self.weights = {
             "cosine": cosine_weight, "similarity": similarity_weight, "quant": quant_weight,
             "contrastive": contrastive_weight, "distill": distill_weight, "anchor": anchor_weight,
+            "match": match_weight,
         }
         self.temperature = float(temperature)
         self.similarity_scale = float(similarity_scale)
@@ -220,21 +247,34 @@ class PBEH(HashModel):
 
     # ------------------------------------------------------------------ forward pieces
     def _enhance(self, x: torch.Tensor, pool: torch.Tensor, attn: PromptCrossAttention) -> torch.Tensor:
-        """``[x ; MHA(x, p(x), p(x))]`` with ``p(x)`` the pool row chosen by ``x``."""
-        return torch.cat([x, attn(x, pool.unsqueeze(1), select_prompts(x, pool))], dim=1)
+        """``[x ; MHA(x, P(x), P(x))]`` with ``P(x)`` the ``prompt_top_k`` pool rows nearest ``x``."""
+        return torch.cat([x, attn(x, pool, top_prompts(x, pool, self.prompt_top_k))], dim=1)
+
+    def _nearest_task(self, x: torch.Tensor) -> torch.Tensor:
+        """Task-agnostic choice: the task owning each sample's nearest prompt, ``(B,)``."""
+        pool, owner = self.prompts.stacked()
+        return owner[prompt_similarity(x, pool).argmax(dim=1)]
 
     def _encode(self, modality: str, features: torch.Tensor, task_index: Optional[int]) -> torch.Tensor:
         if self.num_tasks == 0:
             raise RuntimeError("PBEH: call begin_task before encoding (no prompt pool exists yet)")
         image = modality == "image"
         x = (self.image_in if image else self.text_in)(features)
-        if task_index is None:
-            pool, _ = self.prompts.stacked()
-        else:
+        attn = self.image_attn if image else self.text_attn
+        if task_index is not None:
             self._check_task(task_index)
-            pool = self.prompts[task_index]
-        z = self._enhance(x, pool, self.image_attn if image else self.text_attn)
+            z = self._enhance(x, self.prompts[task_index], attn)
+        else:
+            chosen = self._nearest_task(x)
+            z = x.new_empty(x.shape[0], 2 * self.width)
+            for k in chosen.unique().tolist():  # rows of one inferred task read that task's pool
+                rows = chosen == k
+                z[rows] = self._enhance(x[rows], self.prompts[k], attn)
         return (self.image_net if image else self.text_net)(z)
+
+    def infer_tasks(self, features: torch.Tensor, modality: str) -> torch.Tensor:
+        """The task each sample is encoded with when the task is unknown (nearest prompt)."""
+        return self._nearest_task((self.image_in if modality == "image" else self.text_in)(features))
 
     def encode_image(self, image, task_index=None, layers=None):
         return self._encode("image", image, task_index)
@@ -244,11 +284,10 @@ class PBEH(HashModel):
 
     def prompt_logits(self, k: int) -> torch.Tensor:
         """Un-normalised hash outputs of task k's prompts, image rows then text rows
-        ``(2 n_k, bits)``: the code of ``[p ; MHA(p, p, p)]`` per modality."""
+        ``(2 n_k, bits)``: per modality, the code a sample lying on the prompt would get."""
         pool = self.prompts[k]
-        tokens = pool.unsqueeze(1)
-        zv = torch.cat([pool, self.image_attn(pool, tokens)], dim=1)
-        zt = torch.cat([pool, self.text_attn(pool, tokens)], dim=1)
+        zv = self._enhance(pool, pool, self.image_attn)
+        zt = self._enhance(pool, pool, self.text_attn)
         return torch.cat([self.image_net.logits(zv), self.text_net.logits(zt)])
 
     # ------------------------------------------------------------------ task hooks
@@ -259,7 +298,7 @@ class PBEH(HashModel):
         if self.pending_extension:
             self._grow(self.extend_bits)
             self.pending_extension = False
-        self.prompts.add(self.num_prompts(len(task.train)), self._device())
+        self.prompts.add(self.num_prompts(len(task.train) + len(task.val)), self._device())
         self._freeze(keep_last=True)
         self.bit_history.append(self.bits)
 
@@ -301,8 +340,9 @@ class PBEH(HashModel):
         t = task_index
         self._check_task(t)
         pool = self.prompts[t]
-        zv = self._enhance(self.image_in(batch.image), pool, self.image_attn)
-        zt = self._enhance(self.text_in(batch.text), pool, self.text_attn)
+        xv, xt = self.image_in(batch.image), self.text_in(batch.text)
+        zv = self._enhance(xv, pool, self.image_attn)
+        zt = self._enhance(xt, pool, self.text_attn)
         # Both hash nets see both modalities (their own, and the other's for the
         # distillation term): one call per net on the stacked rows [zv; zt], row by row
         # the same function as two calls (float rounding of the weight gradients differs).
@@ -316,10 +356,14 @@ class PBEH(HashModel):
             "cosine": L.cosine_alignment_loss(hv, ht),
             "similarity": L.inner_product_mse(hv, ht, target) + L.inner_product_mse(ht, hv, target),
             "quant": L.quantization_loss(hv) + L.quantization_loss(ht),
-            "contrastive": L.supervised_contrastive_loss(hv, labels, self.temperature)
-            + L.supervised_contrastive_loss(ht, labels, self.temperature),
+            "contrastive": L.supervised_contrastive_loss(hv, labels, self.temperature, self.contrastive_self)
+            + L.supervised_contrastive_loss(ht, labels, self.temperature, self.contrastive_self),
             "distill": F.mse_loss(hv, hv_x) + F.mse_loss(ht, ht_x),
         }
+        if self.weights["match"]:
+            parts["match"] = sum(
+                (1 - prompt_similarity(x, pool).max(dim=1).values).mean() for x in (xv, xt)
+            )
         if t >= 1:
             anchor = hv.new_zeros(())
             for k in range(min(t, len(self.anchor_bits))):

@@ -69,10 +69,11 @@ class PromptCrossAttention(nn.Module):
     """``a = MHA(x, P, P)`` with each sample as its own length-1 query.
 
     ``tokens`` is one prompt ``(L, D)`` shared by the batch, a per-sample stack
-    ``(B, L, D)``, or, with ``index`` ``(B,)``, a set of stacks ``(N, L, D)`` of which
-    sample i reads stack ``index[i]``; the result is ``(B, D)``. With one token per
-    sample (PBEH) the softmax has a single entry and ``a`` is the value/out projection
-    of that token.
+    ``(B, L, D)``, with ``index`` ``(B,)`` a set of stacks ``(N, L, D)`` of which
+    sample i reads stack ``index[i]``, or with ``index`` ``(B, k)`` a pool of single
+    tokens ``(N, D)`` of which sample i reads rows ``index[i]`` (PBEH: a sample's
+    top-k prompts); the result is ``(B, D)``. A sample that reads one token only gets
+    the value/out projection of that token whatever it is (a softmax over one key is 1).
 
     The parameters are those of ``nn.MultiheadAttention`` (same state-dict keys), but
     keys and values are projected once per distinct token and then broadcast to the
@@ -92,7 +93,11 @@ class PromptCrossAttention(nn.Module):
         attn = self.attn
         B, D = x.shape
         H = attn.num_heads
-        if index is not None:
+        pooled = index is not None and index.dim() == 2
+        if pooled:
+            if tokens.dim() != 2 or index.shape[0] != B:
+                raise ValueError(f"index {tuple(index.shape)} needs a token pool (N, D) and one row per sample ({B})")
+        elif index is not None:
             if tokens.dim() != 3 or index.shape != (B,):
                 raise ValueError(f"index {tuple(index.shape)} needs stacks (N, L, D) and one entry per sample ({B})")
         elif tokens.dim() == 3 and tokens.shape[0] != B:
@@ -101,24 +106,38 @@ class PromptCrossAttention(nn.Module):
         b_q, b_kv = attn.in_proj_bias.split([D, 2 * D])
         q = F.linear(x, w_q, b_q).view(B, H, 1, D // H)
         k, v = F.linear(tokens, w_kv, b_kv).chunk(2, dim=-1)          # (..., L, D) each, once per token
-        if tokens.dim() == 2:
+        if pooled:
+            k, v = k[index], v[index]                                  # (B, k, D): the rows each sample reads
+        elif tokens.dim() == 2:
             k, v = k.unsqueeze(0), v.unsqueeze(0)
-        if index is not None:
+        elif index is not None:
             k, v = k[index], v[index]
-        L = tokens.shape[-2]
+        L = k.shape[-2]
         k = k.view(k.shape[0], L, H, D // H).transpose(1, 2).expand(B, -1, -1, -1)
         v = v.view(v.shape[0], L, H, D // H).transpose(1, 2).expand(B, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.dropout if self.training else 0.0)
         return attn.out_proj(out.reshape(B, D))
 
 
-def select_prompts(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
-    """Index of the pool row closest to each sample by cosine similarity, ``(B,)``.
+def prompt_similarity(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every sample to every pool row, ``(B, N)``: the choice of a
+    prompt depends on direction only, and each row on that sample alone."""
+    return F.normalize(x, dim=1) @ F.normalize(pool, dim=1).t()
 
-    Cosine (both sides L2-normalised) so the choice depends on direction only; ties go
-    to the lowest index. Each row's choice depends on that row alone."""
-    sim = F.normalize(x, dim=1) @ F.normalize(pool, dim=1).t()
-    return sim.argmax(dim=1)
+
+def select_prompts(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """Index of the pool row closest to each sample by cosine similarity, ``(B,)``;
+    ties go to the lowest index."""
+    return prompt_similarity(x, pool).argmax(dim=1)
+
+
+def top_prompts(x: torch.Tensor, pool: torch.Tensor, k: Optional[int]) -> torch.Tensor:
+    """Indices of the ``k`` pool rows closest to each sample (cosine), ``(B, k)``,
+    nearest first; ``k`` None (or larger than the pool) takes every row in pool order."""
+    n = pool.shape[0]
+    if k is None or k >= n:
+        return torch.arange(n, device=x.device).expand(x.shape[0], n)
+    return prompt_similarity(x, pool).topk(k, dim=1).indices
 
 
 def common_width(image_dim: int, text_dim: int, width: Optional[int], heads: int) -> int:

@@ -92,6 +92,8 @@ def _summary_figures() -> Dict[str, Callable[[RunResults], Optional[float]]]:
             out[f"{key}_{d}"] = (lambda k, dd: lambda r: r.figure(dd, k))(key, d)
     for d, _ in DIRECTIONS:
         out[f"agnostic_{d}"] = (lambda dd: lambda r: r.agnostic(dd))(d)
+    for m in ("image", "text"):
+        out[f"task_inference_{m}"] = (lambda mm: lambda r: r.inferred(mm))(m)
     out["train_seconds"] = lambda r: r.timing.get("train_seconds")
     return out
 
@@ -117,7 +119,8 @@ TABLE_COLUMNS = [
     ("acc_i2t", "ACC i2t"), ("acc_t2i", "ACC t2i"), ("bwt_i2t", "BWT i2t"), ("bwt_t2i", "BWT t2i"),
     ("forgetting_i2t", "forget i2t"), ("forgetting_t2i", "forget t2i"), ("fwt_i2t", "FWT i2t"),
     ("fwt_t2i", "FWT t2i"), ("avg_incremental_i2t", "avg inc i2t"), ("avg_incremental_t2i", "avg inc t2i"),
-    ("agnostic_i2t", "agnostic i2t"), ("agnostic_t2i", "agnostic t2i"), ("train_seconds", "train s"),
+    ("agnostic_i2t", "agnostic i2t"), ("agnostic_t2i", "agnostic t2i"),
+    ("task_inference_image", "task inf image"), ("task_inference_text", "task inf text"), ("train_seconds", "train s"),
 ]
 PAIRED_FIGURES = ["acc_i2t", "acc_t2i", "bwt_i2t", "bwt_t2i", "agnostic_i2t", "agnostic_t2i"]
 
@@ -479,7 +482,8 @@ def comparison_markdown(groups: Sequence[ComparedConfig], reference: ComparedCon
                                                     if len(metrics) > 1 else "") + ". "
                  "ACC = mean mAP over all tasks after the last one; BWT and forgetting average over the "
                  "first T - 1 tasks; FWT = score on a task before training on it minus the untrained "
-                 "model's; `agnostic` = all queries against all stored codes after the last task. "
+                 "model's; `agnostic` = all queries against all stored codes after the last task; `task inf` = "
+                 "the share of those queries whose task a task-inferring model (CASH, PBEH) picks correctly. "
                  "Cells are mean ± sample std over seeds.")
     lines += ["", format_table(groups), "", "## mAP per task after the last task", "", format_final_rows(groups)]
     paired = format_paired(groups, reference)

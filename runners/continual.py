@@ -28,7 +28,9 @@ from common.collapse import code_collapse
 from common.register import RUNNERS
 from dataset.feature_set import FeatureSet, Task, TaskStream
 from models.base import Batch, HashModel
-from runners.evaluation import encode_codes, score_against_store, score_bit_prefixes, score_directions
+from runners.evaluation import (
+    encode_codes, score_against_store, score_bit_prefixes, score_directions, task_inference_accuracy,
+)
 from runners.optim import build_optimizers
 from runners.outputs import RunOutput
 from runners.results import DIRECTIONS, RunResults
@@ -453,6 +455,14 @@ class ContinualRunner:
                                          self.eval_batch_size, self._dist)
             for d in DIRECTIONS:
                 results.task_agnostic[d].append(round(scores[d], 6))
+            if not plan.joint:
+                truth = torch.cat([torch.full((len(tasks[j].query),), j, dtype=torch.long) for j in range(t + 1)])
+                accuracy = task_inference_accuracy(model, queries, truth, self.eval_batch_size)
+                if accuracy is not None:
+                    if results.task_inference is None:
+                        results.task_inference = {m: [] for m in accuracy}
+                    for m, value in accuracy.items():
+                        results.task_inference[m].append(round(value, 6))
         if self.forward_transfer and not plan.joint and t + 1 < len(tasks):
             # Score the next, unseen task with the current model (its database encoded
             # on the fly, not stored): the R[t, t+1] entry that forward transfer needs.

@@ -53,6 +53,30 @@ def encode_codes(
     }
 
 
+@torch.no_grad()
+def task_inference_accuracy(
+    model: HashModel, features: FeatureSet, true_tasks: torch.Tensor, batch_size: int = 4096,
+) -> Optional[Dict[str, float]]:
+    """Share of samples whose task the model infers correctly, per modality
+    (``{"image": ..., "text": ...}``), or None for a model that does not infer tasks."""
+    was_training = model.training
+    model.eval()
+    out: Dict[str, float] = {}
+    try:
+        for modality in ("image", "text"):
+            data = features.image if modality == "image" else features.text
+            hits = 0
+            for start in range(0, len(features), batch_size):
+                guess = model.infer_tasks(data[start:start + batch_size], modality)
+                if guess is None:
+                    return None
+                hits += int((guess.cpu() == true_tasks[start:start + batch_size].cpu()).sum())
+            out[modality] = hits / max(1, len(features))
+    finally:
+        model.train(was_training)
+    return out
+
+
 def score_directions(
     query_codes: Dict[str, torch.Tensor],
     query_labels: torch.Tensor,

@@ -3,8 +3,10 @@ that the log, the CSV, ``compare`` and ``evaluate`` read (rows, averages, the fi
 row, the task-agnostic column, summary figures).
 
 R[t][j] (``map[direction][t][j]``) is the mAP on task j after training through task t,
-None above the diagonal. Everything is 0-based here; user-facing text numbers tasks
-from 1.
+None above the diagonal. ``task_inference[modality][t]`` (models that infer the task
+themselves: CASH, PBEH) is the share of the queries of tasks 0..t whose task the
+model's task-agnostic encoding picks correctly, after task t. Everything is 0-based
+here; user-facing text numbers tasks from 1.
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ class RunResults:
     notes: List[str] = field(default_factory=list)
     config: Optional[Dict[str, Any]] = None
     environment: Optional[Dict[str, Any]] = None
+    task_inference: Optional[Dict[str, List[float]]] = None
     bit_order: Optional[List[int]] = None
     bit_scalable: Optional[Dict[str, Dict[str, float]]] = None
 
@@ -67,7 +70,7 @@ class RunResults:
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> Dict[str, Any]:
         out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        for key in ("bit_order", "bit_scalable"):  # only for bit-scalable models
+        for key in ("bit_order", "bit_scalable", "task_inference"):  # only for models that have them
             if out[key] is None:
                 del out[key]
         return out
@@ -105,6 +108,13 @@ class RunResults:
     def agnostic(self, direction: str, t: Optional[int] = None) -> Optional[float]:
         """Task-agnostic mAP after task t (default: the last finished one)."""
         col = self.task_agnostic.get(direction) or []
+        t = len(col) - 1 if t is None else t
+        return float(col[t]) if 0 <= t < len(col) else None
+
+    def inferred(self, modality: str, t: Optional[int] = None) -> Optional[float]:
+        """Task-inference accuracy of ``modality`` queries after task t (default: the
+        last finished one), or None for a model that does not infer tasks."""
+        col = (self.task_inference or {}).get(modality) or []
         t = len(col) - 1 if t is None else t
         return float(col[t]) if 0 <= t < len(col) else None
 

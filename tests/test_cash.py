@@ -10,6 +10,7 @@ import models  # noqa: F401  (registers the models)
 from common.code_store import CodeStore
 from common.register import MODELS
 from models import losses as L
+from models.base import Batch
 from models.cash import CASH, infer_task, select_bits
 from models.prompts import PromptCrossAttention, select_prompts
 from utils.config import check_kwargs
@@ -158,3 +159,19 @@ def test_shared_blocks_against_brute_force():
     assert float(L.bit_balance_loss(torch.tensor([[1.0, -2.0], [-1.0, 2.0]]))) == 0.0
     y = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 1]])
     assert L.label_overlap(y, y).tolist() == [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
+
+
+def test_positives_only_heads_use_the_public_gate_loss(stream):
+    """head_negatives 0 trains the heads with the public mean(1 - g); with negatives the
+    objective is task-vs-others cross-entropy."""
+    torch.manual_seed(0)
+    model = build(head_negatives=0)
+    model.begin_task(stream.tasks[0], 0)
+    batch = stream.tasks[0].train
+    b = Batch(image=batch.image[:8], text=batch.text[:8], labels=batch.labels[:8], index=torch.arange(8))
+    parts = model.loss(b, 0)
+    with torch.no_grad():
+        x = torch.cat([model.image_in(b.image), model.text_in(b.text)])
+        expected = (1 - torch.sigmoid(model.task_heads[0](x))).mean()
+    assert float(parts["task"]) == pytest.approx(float(expected) * model.weights["task"], rel=1e-6)
+    assert float(L.gate_loss(torch.tensor([0.0, 0.0]))) == 0.5

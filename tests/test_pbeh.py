@@ -14,6 +14,7 @@ from common.register import MODELS
 from models import losses as L
 from models.base import sign_codes
 from models.pbeh import PBEH, count_far_from_centre, majority_centre
+from models.prompts import PromptCrossAttention, top_prompts
 from utils.config import check_kwargs
 from utils.errors import ConfigError
 from hash_model_checks import finish_task, run_task_sequence, task_steps
@@ -133,8 +134,10 @@ def test_anchor_keeps_old_prompt_codes(stream):
 # ---------------------------------------------------------------------- the model
 def test_shapes_and_prompt_pools(stream):
     model, _ = run_tasks(stream, 2, extend_threshold=0.0, extend_bits=1)
-    n_train = len(stream.tasks[0].train)
-    assert model.prompts.sizes() == [math.ceil(n_train / 20), math.ceil(len(stream.tasks[1].train) / 20)]
+    # one prompt per 20 train pairs, counted before the validation carve (the public code's whole train file)
+    whole = [len(t.train) + len(t.val) for t in stream.tasks[:2]]
+    assert all(t.val for t in stream.tasks[:2]) and math.ceil(whole[0] / 20) > math.ceil(len(stream.tasks[0].train) / 20)
+    assert model.prompts.sizes() == [math.ceil(n / 20) for n in whole]
     assert model.bits == 9 and model.pending_extension
     q = stream.tasks[1].query
     with torch.no_grad():
@@ -208,3 +211,102 @@ def test_supervised_contrastive_prefers_label_structure():
     target = L.sigmoid_label_similarity(labels, labels, 16.0)
     assert torch.allclose(target.diagonal(), torch.full((4,), 2 * torch.sigmoid(torch.tensor(1 / 16)) - 1))
     assert float(target[0, 2]) == 0.0
+
+
+# ---------------------------------------------------------------------- attention over the pool
+def test_pooled_attention_against_brute_force():
+    """Sample i attends over pool rows index[i] only: the same as nn.MultiheadAttention
+    fed exactly those rows."""
+    torch.manual_seed(0)
+    attn = PromptCrossAttention(6, heads=2).eval()
+    x, pool = torch.randn(5, 6), torch.randn(7, 6)
+    index = top_prompts(x, pool, 3)
+    sims = torch.nn.functional.cosine_similarity(x[:, None], pool[None], dim=2)
+    for i in range(5):  # the 3 nearest rows by cosine, nearest first
+        assert index[i].tolist() == sorted(range(7), key=lambda j: -float(sims[i, j]))[:3]
+    assert top_prompts(x, pool, None).tolist() == [list(range(7))] * 5
+    with torch.no_grad():
+        ref = torch.stack([attn.attn(x[i:i + 1][None], pool[index[i]][None], pool[index[i]][None])[0][0, 0]
+                           for i in range(5)])
+        assert torch.allclose(attn(x, pool, index), ref, atol=1e-6)
+    with pytest.raises(ValueError, match="token pool"):
+        attn(x, torch.randn(2, 7, 6), index)
+
+
+def test_attention_reads_the_sample_and_trains_queries_and_keys(stream):
+    """Over several prompts the attention output depends on x and W_q / W_k get a
+    gradient; the single-prompt form of the paper (prompt_top_k 1) gives neither."""
+    task = stream.tasks[0]
+    grads = {}
+    for k in (None, 1):
+        torch.manual_seed(0)
+        model = build(prompt_top_k=k)
+        model.begin_task(task, 0)
+        pool = model.prompts[0]
+        assert pool.shape[0] > 1
+        x = model.image_in(task.train.image[:16])
+        e = model._enhance(x, pool, model.image_attn)[:, model.width:]
+        w_q = model.image_attn.attn.in_proj_weight
+        (g,) = torch.autograd.grad(e.square().sum(), [w_q])
+        grads[k] = float(g[: model.width].abs().sum()), float(g[model.width: 2 * model.width].abs().sum())
+        if k == 1:  # one key: the output is a function of the chosen prompt alone
+            chosen = top_prompts(x, pool, 1)[:, 0]
+            same = chosen == chosen[0]
+            assert torch.allclose(e[same], e[same][:1].expand(int(same.sum()), -1), atol=1e-6)
+        else:
+            assert not torch.allclose(e[0], e[1], atol=1e-4)
+    assert grads[None][0] > 0 and grads[None][1] > 0
+    # one key: zero up to rounding of the one-entry softmax
+    assert grads[1][0] < 1e-4 * grads[None][0] and grads[1][1] < 1e-4 * grads[None][1]
+
+
+def test_supervised_contrastive_against_brute_force():
+    """Both anchor conventions against a loop over anchors: Khosla et al. (anchor in
+    neither positives nor denominator) and the public code's (anchor in both)."""
+    torch.manual_seed(1)
+    codes = torch.nn.functional.normalize(torch.randn(6, 5), dim=1)
+    labels = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 1], [0, 1, 0], [0, 0, 1], [0, 0, 0]])
+    tau = 0.3
+
+    def reference(include_self):
+        terms = []
+        for i in range(6):
+            others = [j for j in range(6) if include_self or j != i]
+            pos = [j for j in others if j == i or int((labels[i] * labels[j]).sum()) > 0]
+            if not pos:
+                continue
+            denom = math.log(sum(math.exp(float(codes[i] @ codes[j]) / tau) for j in others))
+            terms.append(-sum(float(codes[i] @ codes[j]) / tau - denom for j in pos) / len(pos))
+        return sum(terms) / len(terms)
+
+    for include_self in (False, True):
+        got = float(L.supervised_contrastive_loss(codes, labels, tau, include_self))
+        assert got == pytest.approx(reference(include_self), rel=1e-5)
+
+
+def test_match_term_pulls_prompts_to_their_task_and_infers_it(stream):
+    """With the matching term the nearest prompt of an unseen query belongs to its own
+    task far more often than chance and than without it; infer_tasks is the choice
+    task-agnostic encoding makes."""
+    def accuracy(match_weight):
+        torch.manual_seed(0)
+        model = build(match_weight=match_weight, prompt_lr_scale=10.0)
+        store = CodeStore()
+        for t in range(3):
+            train_task(model, stream.tasks[t], t, steps=40, lr=1e-2)
+            finish_task(model, stream.tasks[t], t, store)
+        with torch.no_grad():
+            hits = [float((model.infer_tasks(getattr(task.query, m), m) == t).float().mean())
+                    for t, task in enumerate(stream.tasks[:3]) for m in ("image", "text")]
+        return model, sum(hits) / len(hits)
+
+    model, matched = accuracy(5.0)
+    _, unmatched = accuracy(0.0)
+    assert matched > 0.6 and matched > unmatched + 0.2  # chance: 1/3
+    with torch.no_grad():  # task-agnostic codes are the task-known codes of the inferred task
+        q = stream.tasks[1].query
+        chosen = model.infer_tasks(q.image, "image")
+        agnostic = model.encode_image(q.image, None)
+        for k in chosen.unique().tolist():
+            rows = chosen == k
+            assert torch.allclose(agnostic[rows], model.encode_image(q.image[rows], k), atol=1e-6)
