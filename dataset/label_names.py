@@ -217,3 +217,17 @@ def resolve_tasks(
             cols.append(col)
         out.append(tuple(cols))
     return out
+
+
+def category_task_name(columns: Sequence[int], label_names: Sequence[str], shown: int = 3) -> str:
+    """A task's name from the categories that define it, for logs, results and plots:
+    ``bicycle, car`` or ``person, bicycle, car +13`` (the first ``shown`` names and how
+    many more); ``cats 0-4`` / ``cats 0,3,7`` by column when the labels have no names."""
+    cols = [int(c) for c in columns]
+    names = [str(label_names[c]) for c in cols if c < len(label_names) and str(label_names[c]).strip()]
+    if len(names) == len(cols) and cols:
+        more = len(names) - shown
+        return ", ".join(names[:shown]) + (f" +{more}" if more > 0 else "")
+    if len(cols) > 2 and cols == list(range(cols[0], cols[0] + len(cols))):
+        return f"cats {cols[0]}-{cols[-1]}"
+    return "cats " + ",".join(str(c) for c in cols)

@@ -91,8 +91,8 @@ def test_pad_bits_never_count():
     clean.add(0, ones, ones, np.ones((1, 1)), ["x"])
     state = clean.state()
     for m in ("image", "text"):
-        state[f"t0_{m}"] = state[f"t0_{m}"].copy()
-        state[f"t0_{m}"][:, -1] |= 0x0F  # garbage in the 4 pad bits (MSB-first packing)
+        state[f"t1_{m}"] = state[f"t1_{m}"].copy()
+        state[f"t1_{m}"][:, -1] |= 0x0F  # garbage in the 4 pad bits (MSB-first packing)
     s = CodeStore.from_state(state)
     index = BinaryIndex.build(s, "image", "flat")
     q = np.concatenate([np.ones((1, 12)), -np.ones((1, 4))], axis=1)  # 16-bit query, last 4 bits differ
