@@ -426,6 +426,23 @@ def test_single_task_split(cache_a):
     assert layered.tasks[0].train.image_layers.shape[1:] == (2, 64)
 
 
+def test_random_weights_build_without_open_clips_notice(work, caplog):
+    """``pretrained: none`` is random on purpose: open_clip's "No pretrained weights
+    loaded" notice is dropped inside load_clip, and only there; other records pass."""
+    import logging
+
+    import open_clip
+
+    with caplog.at_level(logging.WARNING):
+        load_clip(spec(work), torch.device("cpu"))
+        assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+        logging.warning("another warning")
+        open_clip.create_model("tiny_clip", pretrained=None)  # outside load_clip the notice is left alone
+    messages = [r.getMessage() for r in caplog.records]
+    assert "another warning" in messages
+    assert any(m.startswith("No pretrained weights loaded for model 'tiny_clip'") for m in messages)
+
+
 def test_category_task_names():
     cols = resolve_tasks("coco_balanced", COCO)[0]
     assert category_task_name(cols, COCO) == f"{COCO[cols[0]]}, {COCO[cols[1]]}, {COCO[cols[2]]} +{len(cols) - 3}"
