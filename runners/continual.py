@@ -28,7 +28,8 @@ from common.collapse import code_collapse
 from common.register import RUNNERS
 from dataset.feature_set import FeatureSet, Task, TaskStream
 from models.base import Batch, HashModel
-from runners.evaluation import encode_codes, score_against_store, score_bit_prefixes, score_directions
+from runners.evaluation import (encode_codes, retrieval_curves, score_against_store, score_bit_prefixes,
+                                score_directions)
 from runners.optim import build_optimizers
 from runners.outputs import RunOutput
 from runners.results import DIRECTIONS, RunResults
@@ -487,18 +488,24 @@ class ContinualRunner:
         return out
 
     def _finish(self, model: HashModel, tasks: List[Task], store: CodeStore, results: RunResults) -> None:
-        """Bit-scalable figures when the model ranks its bits (SCAHN)."""
+        """After the last task: the retrieval curves of all queries, task-agnostic, against
+        every stored code (with ``task_agnostic``), and the bit-scalable figures when the
+        model ranks its bits (SCAHN)."""
         significance = model.bit_significance()
-        if significance is None:
+        if not self.task_agnostic and significance is None:
             return
         entries = store.entries()
+        queries = FeatureSet.concat([task.query for task in tasks])
+        q = encode_codes(model, queries, None, self.eval_batch_size, self._dist)
+        if self.task_agnostic:
+            results.curves = retrieval_curves(q, queries.labels, entries)
+        if significance is None:
+            return
         if len({e.bits for e in entries}) != 1 or entries[0].bits != model.bits:
             results.notes.append("bit_scalable skipped: stored codes differ in length")
             return
         lengths = sorted({b for b in self.scalable_bits if b < model.bits} | {model.bits})
         order = torch.argsort(significance.detach().float().cpu(), descending=True, stable=True)
-        queries = FeatureSet.concat([task.query for task in tasks])
-        q = encode_codes(model, queries, None, self.eval_batch_size, self._dist)
         results.bit_order = order.tolist()
         results.bit_scalable = {
             k: {d: round(v, 6) for d, v in s.items()}

@@ -57,6 +57,7 @@ class RunResults:
     environment: Optional[Dict[str, Any]] = None
     bit_order: Optional[List[int]] = None
     bit_scalable: Optional[Dict[str, Dict[str, float]]] = None
+    curves: Optional[Dict[str, Dict[str, Any]]] = None
 
     @classmethod
     def start(cls, tasks: int, **facts: Any) -> "RunResults":
@@ -67,7 +68,7 @@ class RunResults:
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> Dict[str, Any]:
         out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        for key in ("bit_order", "bit_scalable"):  # only for bit-scalable models
+        for key in ("bit_order", "bit_scalable", "curves"):  # bit-scalable models; curves once finished
             if out[key] is None:
                 del out[key]
         return out
