@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DIRECTIONS = (("i2t", "image -> text"), ("t2i", "text -> image"))
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
-HEATMAP_COLUMNS = 4  # configs per row of result_matrices.png
+HEATMAP_COLUMNS = 4  # at most this many configs per row of result_matrices.png
 # every file name compare may write here: a later comparison removes those it no longer writes
 FIGURE_FILES = ("result_matrices.png", "map_over_tasks.png", "final_row.png", "training_curves.png",
                 "pr_curve.png", "precision_at_n.png", "code_length.png")
@@ -103,8 +103,8 @@ def result_matrices(out: Path, groups: Sequence["ComparedConfig"]) -> Optional[s
     shown = [g for g in groups if g.first.completed_tasks]
     if not shown:
         return None
-    cols = min(len(shown), HEATMAP_COLUMNS)
-    blocks = math.ceil(len(shown) / cols)
+    blocks = math.ceil(len(shown) / HEATMAP_COLUMNS)
+    cols = math.ceil(len(shown) / blocks)   # balanced rows: 6 configs = 2 x 3, not 4 + 2
     T = max(g.first.tasks for g in shown)
     panel = 0.55 * T + 1.0
     fig = _figure(panel * cols + 0.8, (panel + 0.35) * 2 * blocks)
