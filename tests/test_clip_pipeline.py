@@ -1,4 +1,4 @@
-"""CLIP feature pipeline: raw inputs (seed-004 .mat, JSONL, CSV) -> extraction with a tiny
+"""CLIP feature pipeline: raw inputs (DCMHT / DSPH .mat, JSONL, CSV) -> extraction with a tiny
 open_clip model -> HDF5 cache (deterministic, resumable, refusing what it cannot trust)
 -> ``clip_cache`` task streams -> a training run; the same extraction under torchrun."""
 import argparse
