@@ -57,6 +57,18 @@ def metric_of(groups: Sequence["ComparedConfig"]) -> str:
     return metrics[0] if len(metrics) == 1 else "mAP (metric differs between runs)"
 
 
+def task_label(results: RunResults, j: int, width: int = 16) -> str:
+    """``task j+1`` with the task's name under it when it says more than its number
+    (category-defined tasks, e.g. ``person, bicycle, car +13``), wrapped to ``width``."""
+    import textwrap
+
+    names = results.task_names or []
+    name = str(names[j]) if j < len(names) else ""
+    if not name or name in (f"task_{j + 1}", f"task {j + 1}", "all"):
+        return f"task {j + 1}"
+    return f"task {j + 1}\n" + "\n".join(textwrap.wrap(name, width)[:3])
+
+
 def curves_of(group: "ComparedConfig") -> List[Dict[str, Any]]:
     """The retrieval curves of the group's runs that have them (one per seed)."""
     return [run.results.curves for run in group.runs if run.results.curves]
@@ -188,7 +200,8 @@ def final_row(out: Path, groups: Sequence["ComparedConfig"], style) -> Optional[
                 vals = [math.nan if v is None else v for v in g.first.final_row(d)]
                 xs = [j + (k - (len(members) - 1) / 2) * width for j in range(len(vals))]
                 ax.bar(xs, vals, width=width, color=style[g.slug]["color"], label=g.label)
-            ax.set_xticks(range(T), [f"task {j + 1}" for j in range(T)])
+            longest = max(members, key=lambda g: g.first.tasks).first
+            ax.set_xticks(range(T), [task_label(longest, j) for j in range(T)], fontsize=8)
             ax.set_ylim(0, 1)
             ax.set_ylabel(f"{metric} after the last task")
             ax.set_title(f"{dataset}: {title}", fontsize=9)

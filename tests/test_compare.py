@@ -326,3 +326,10 @@ def test_a_new_comparison_removes_only_its_own_stale_figures(tmp_path, no_traini
     assert (out / "mine.png").read_bytes() == b"old"            # never shown by compare: the user's
     assert (out / "plots" / "deep.png").read_bytes() == b"old"  # only bare names in the folder itself
     assert is_png(out / "result_matrices.png")                  # redrawn
+
+
+def test_plots_label_tasks_by_their_categories():
+    r = RunResults(tasks=3, task_names=["person, bicycle, car +13", "task_2", "all"])
+    assert compare_plots.task_label(r, 0) == "task 1\nperson, bicycle,\ncar +13"
+    assert compare_plots.task_label(r, 1) == "task 2" and compare_plots.task_label(r, 2) == "task 3"
+    assert compare_plots.task_label(RunResults(tasks=1), 0) == "task 1"
