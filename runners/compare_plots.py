@@ -90,6 +90,25 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def _direction_panels(height: float):
+    """A figure with one panel per direction: (figure, [(axes, direction, title), ...])."""
+    fig = _figure(10, height)
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    return fig, [(ax, d, title) for ax, (d, title) in zip(axes, DIRECTIONS)]
+
+
+def _mean_line(ax, xs: Sequence[float], mean: Sequence[Optional[float]], std: Sequence[Optional[float]],
+               style: Dict[str, Any], label: str, markersize: float = 6) -> None:
+    """The mean as a line, and a band of +/- std where there is one (several seeds)."""
+    pts = [(x, m, s) for x, m, s in zip(xs, mean, std) if m is not None]
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=style["color"], marker=style["marker"],
+            markersize=markersize, label=label)
+    band = [p for p in pts if p[2] is not None]
+    if band:
+        ax.fill_between([p[0] for p in band], [p[1] - p[2] for p in band], [p[1] + p[2] for p in band],
+                        color=style["color"], alpha=0.18, linewidth=0)
+
+
 def _matrix(results: RunResults, direction: str):
     import numpy as np
 
@@ -153,19 +172,12 @@ def map_over_tasks(out: Path, groups: Sequence["ComparedConfig"], style) -> Opti
     if not any(g.first.completed_tasks for g in groups):
         return None
     metric = metric_of(groups)
-    fig = _figure(10, 3.8)
-    axes = fig.subplots(1, 2, squeeze=False)[0]
+    fig, panels = _direction_panels(3.8)
     T = max(g.first.tasks for g in groups)
-    for ax, (d, title) in zip(axes, DIRECTIONS):
+    for ax, d, title in panels:
         for g in groups:
             mean, std = mean_band([task_average_curve(run.results, d) for run in g.runs])
-            xs = [t + 1 for t, v in enumerate(mean) if v is not None]
-            ys = [v for v in mean if v is not None]
-            ax.plot(xs, ys, color=style[g.slug]["color"], marker=style[g.slug]["marker"], label=g.label)
-            band = [(t + 1, m - s, m + s) for t, (m, s) in enumerate(zip(mean, std)) if m is not None and s is not None]
-            if band:
-                ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
-                                color=style[g.slug]["color"], alpha=0.18, linewidth=0)
+            _mean_line(ax, range(1, len(mean) + 1), mean, std, style[g.slug], g.label)
         ax.set_xticks(range(1, T + 1))
         ax.set_xlabel("tasks trained")
         ax.set_ylabel(f"A_t: mean {metric} over tasks 1..t")
@@ -283,16 +295,14 @@ def pr_curve(out: Path, groups: Sequence["ComparedConfig"], style) -> Optional[s
     shown = [g for g in groups if curves_of(g)]
     if not shown:
         return None
-    fig = _figure(10, 4.0)
-    axes = fig.subplots(1, 2, squeeze=False)[0]
-    for ax, (d, title) in zip(axes, DIRECTIONS):
+    fig, panels = _direction_panels(4.0)
+    for ax, d, title in panels:
         for g in shown:
             curves = [c[d]["pr_curve"] for c in curves_of(g)]
             precision, _ = mean_band([c["precision"] for c in curves])
             recall, _ = mean_band([c["recall"] for c in curves])
             pts = [(rc, p) for rc, p in zip(recall, precision) if rc]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=style[g.slug]["color"],
-                    marker=style[g.slug]["marker"], markersize=4, label=g.label)
+            _mean_line(ax, [p[0] for p in pts], [p[1] for p in pts], [None] * len(pts), style[g.slug], g.label, 4)
         ax.set_xlim(0, 1.02)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("recall")
@@ -311,18 +321,13 @@ def precision_at_n(out: Path, groups: Sequence["ComparedConfig"], style) -> Opti
     shown = [g for g in groups if curves_of(g)]
     if not shown:
         return None
-    fig = _figure(10, 3.8)
-    axes = fig.subplots(1, 2, squeeze=False)[0]
-    for ax, (d, title) in zip(axes, DIRECTIONS):
+    fig, panels = _direction_panels(3.8)
+    for ax, d, title in panels:
         for g in shown:
             curves = [c[d]["precision_at"] for c in curves_of(g)]
             ns = curves[0]["n"]
             mean, std = mean_band([c["precision"] for c in curves if c["n"] == ns])
-            colour = style[g.slug]["color"]
-            ax.plot(ns, mean, color=colour, marker=style[g.slug]["marker"], markersize=4, label=g.label)
-            if all(s is not None for s in std):
-                ax.fill_between(ns, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                color=colour, alpha=0.18, linewidth=0)
+            _mean_line(ax, ns, mean, std, style[g.slug], g.label, markersize=4)
         ax.set_xscale("log")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("N (top-N retrieved)")
@@ -342,14 +347,13 @@ def code_length(out: Path, groups: Sequence["ComparedConfig"], style) -> Optiona
     their own length, spread sideways when several share a length."""
     if not any(g.first.bit_scalable for g in groups):
         return None
-    fig = _figure(10, 3.8)
-    axes = fig.subplots(1, 2, squeeze=False)[0]
+    fig, panels = _direction_panels(3.8)
     points = [g for g in groups if not g.first.bit_scalable and g.first.bits and g.first.agnostic("i2t") is not None]
     pointed = {g.slug for g in points}
     at_length: Dict[int, List[str]] = {}
     for g in points:
         at_length.setdefault(int(g.first.bits[-1]), []).append(g.slug)
-    for ax, (d, title) in zip(axes, DIRECTIONS):
+    for ax, d, title in panels:
         for g in groups:
             s = style[g.slug]
             if g.first.bit_scalable:
