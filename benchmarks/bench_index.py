@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.binary_index import (  # noqa: E402
-    build_faiss_index, faiss_search, resolve_params, serialized_bytes,
+    build_faiss_index, faiss_module, faiss_search, resolve_params, serialized_bytes,
 )
 
 MISSING = -1
@@ -129,8 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.n, args.queries, args.single = min(args.n, 100_000), min(args.queries, 200), min(args.single, 50)
     if args.bits % 8:
         ap.error("--bits must be a multiple of 8 here (the library pads other lengths; see common/binary_index.py)")
-    import faiss
-
+    faiss = faiss_module()  # one line naming the extra when FAISS is missing
     faiss.omp_set_num_threads(args.threads)
     clusters = args.clusters or max(1, args.n // 100)
     t_data, (db, queries) = timed(lambda: make_codes(args.n, args.queries, args.bits, clusters, args.flip, args.seed))

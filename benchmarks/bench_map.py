@@ -1,4 +1,4 @@
-"""Benchmark calc_map_k against the naive way of the seed repositories, on the same data.
+"""Benchmark calc_map_k against the naive way of the public CLIP-hashing repositories (DCMHT, DSPH), on the same data.
 
 Three ways, same data, same run:
 * ours: calc_map_k as users call it (backend "auto": the numba kernel on CPU when numba
@@ -75,7 +75,7 @@ def make_data(num_query: int, num_db: int, bits: int = 64, classes: int = 80, se
 
 # ----------------------------------------------------------------------------- naive
 def naive_map(qc, dc, ql, dl, k=None):
-    """The seed repositories' way: full float distance matrix, one argsort, a Python loop."""
+    """The public repositories' way: full float distance matrix, one argsort, a Python loop."""
     bits = qc.shape[1]
     dist = 0.5 * (bits - qc.astype(np.float32) @ dc.astype(np.float32).T)
     order = np.argsort(dist, axis=1, kind="stable")

@@ -73,11 +73,14 @@ BUILD_PARAMS = {
 }
 
 
-def _faiss():
+def faiss_module():
+    """The ``faiss`` module, imported on first use: only index, search and serve need it,
+    and it comes with the optional ``index`` extra (``serve`` and ``dev`` include it)."""
     try:
-        import faiss  # imported late: only index / search need it
-    except ImportError:  # pragma: no cover - faiss-cpu is a dependency
-        raise UserError("the FAISS package is needed for index / search: pip install faiss-cpu") from None
+        import faiss
+    except ImportError:
+        raise UserError("index, search and serve need FAISS, which is not installed: "
+                        "pip install 'ccmh[index]' ('ccmh[serve]' for serve)") from None
     return faiss
 
 
@@ -202,7 +205,7 @@ def build_faiss_index(kind: str, packed: np.ndarray, d: int, params: Dict[str, i
     """A FAISS binary index of ``kind`` over ``packed`` (N, d / 8) codes, made by
     ``index_binary_factory`` and trained if the kind needs it; ids are the row numbers
     0..N-1. Search-time parameters are not stored in it: they go with each search."""
-    faiss = _faiss()
+    faiss = faiss_module()
     index = faiss.index_binary_factory(d, factory_string(kind, params))
     if not index.is_trained:
         # IVF: k-means on at most 256 codes per list (FAISS's sample), with a fixed seed
@@ -233,7 +236,7 @@ def check_search_params(kind: str, params: Optional[Dict[str, Any]]) -> Dict[str
 def _faiss_parameters(kind: str, params: Dict[str, int], sel):
     """A FAISS ``SearchParameters`` object for one call (None for the hash kinds, which
     FAISS gives no such object)."""
-    faiss = _faiss()
+    faiss = faiss_module()
     makers = {
         "flat": lambda: faiss.SearchParameters(sel=sel) if sel is not None else None,
         "ivf": lambda: faiss.SearchParametersIVF(nprobe=params["nprobe"]),
@@ -250,7 +253,7 @@ SELECTABLE = ("flat", "hnsw")
 
 
 def serialized_bytes(index) -> bytes:
-    return _faiss().serialize_index_binary(index).tobytes()
+    return faiss_module().serialize_index_binary(index).tobytes()
 
 
 # ---------------------------------------------------------------------- one modality
@@ -289,7 +292,7 @@ class Shard:
         deeper (doubling) until every query has k hits in range or the whole shard was
         read; ``stable_ties`` (flat) re-reads the tie group at the k-th distance."""
         whole = lo == 0 and hi == len(self)
-        sel = None if whole or kind not in SELECTABLE else _faiss().IDSelectorRange(lo, hi)
+        sel = None if whole or kind not in SELECTABLE else faiss_module().IDSelectorRange(lo, hi)
         values = {**self.params, **params}
         sp = _faiss_parameters(kind, values, sel)
         depth = k if whole or sel is not None else min(len(self), k * -(-len(self) // (hi - lo)))
@@ -623,7 +626,7 @@ def load_index_folder(folder: str | Path, modalities: Optional[Sequence[str]] = 
     only ``modalities``)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    faiss = _faiss()
+    faiss = faiss_module()
     try:
         with np.load(folder / manifest.get("id_map", ID_MAP), allow_pickle=False) as data:
             id_map = {k: data[k] for k in data.files}

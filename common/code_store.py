@@ -124,27 +124,38 @@ class CodeStore:
 
     # ------------------------------------------------------------------ persistence
     def state(self) -> Dict[str, np.ndarray]:
-        """A flat dict of arrays (for ``np.savez`` or a checkpoint)."""
-        out: Dict[str, np.ndarray] = {"tasks": np.array(self.tasks(), dtype=np.int64)}
-        for t, e in self._entries.items():
-            out[f"t{t}_bits"] = np.array(e.bits, dtype=np.int64)
-            out[f"t{t}_image"] = e.image
-            out[f"t{t}_text"] = e.text
-            out[f"t{t}_labels"] = e.labels
-            out[f"t{t}_ids"] = np.array(e.ids, dtype=str)
+        """A flat dict of arrays (for ``np.savez`` or a checkpoint). Tasks are numbered
+        from 1 there, as everywhere a user reads them: ``tasks`` = [1, 2, ...] and
+        ``t1_image``, ``t1_text``, ``t1_labels``, ``t1_ids``, ``t1_bits`` for task 1;
+        ``task_base`` = 1 marks this layout."""
+        out: Dict[str, np.ndarray] = {"tasks": np.array([t + 1 for t in self.tasks()], dtype=np.int64),
+                                      "task_base": np.array(1, dtype=np.int64)}
+        for t, e in sorted(self._entries.items()):
+            n = t + 1
+            out[f"t{n}_bits"] = np.array(e.bits, dtype=np.int64)
+            out[f"t{n}_image"] = e.image
+            out[f"t{n}_text"] = e.text
+            out[f"t{n}_labels"] = e.labels
+            out[f"t{n}_ids"] = np.array(e.ids, dtype=str)
         return out
 
     @classmethod
     def from_state(cls, state: Dict[str, np.ndarray]) -> "CodeStore":
+        """The store of ``state()``; also reads the earlier layout without ``task_base``,
+        whose keys numbered tasks from 0 (``t0_image``)."""
+        base = int(np.asarray(state["task_base"])) if "task_base" in state else 0
+        if base not in (0, 1):
+            raise ValueError(f"task_base: expected 0 or 1, got {base}")
         store = cls()
-        for t in np.asarray(state["tasks"]).tolist():
-            store._entries[int(t)] = StoredCodes(
-                task=int(t),
-                bits=int(np.asarray(state[f"t{t}_bits"])),
-                image=np.asarray(state[f"t{t}_image"], dtype=np.uint8),
-                text=np.asarray(state[f"t{t}_text"], dtype=np.uint8),
-                labels=np.asarray(state[f"t{t}_labels"], dtype=np.uint8),
-                ids=tuple(str(i) for i in np.asarray(state[f"t{t}_ids"]).tolist()),
+        for n in np.asarray(state["tasks"]).tolist():
+            t = int(n) - base
+            store._entries[t] = StoredCodes(
+                task=t,
+                bits=int(np.asarray(state[f"t{n}_bits"])),
+                image=np.asarray(state[f"t{n}_image"], dtype=np.uint8),
+                text=np.asarray(state[f"t{n}_text"], dtype=np.uint8),
+                labels=np.asarray(state[f"t{n}_labels"], dtype=np.uint8),
+                ids=tuple(str(i) for i in np.asarray(state[f"t{n}_ids"]).tolist()),
             )
         return store
 

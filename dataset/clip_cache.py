@@ -34,7 +34,7 @@ import torch
 from common.register import DATASETS
 from dataset.feature_cache import CacheContent, read_cache
 from dataset.feature_set import FeatureSet, Task, TaskStream
-from dataset.label_names import TASK_PRESETS, resolve_tasks
+from dataset.label_names import TASK_PRESETS, category_task_name, resolve_tasks
 from dataset.splits import carve_val, check_positive, resolve_val, rng_for
 from utils.errors import ConfigError, DataError
 
@@ -179,7 +179,7 @@ class ClipCacheDataset:
             k = size_for(self.task_train, t, len(database), "task_train")
             tr, val = carve_val(fs.subset(database[:k]), self.seed, t, self.val_fraction, self.val_size)
             tasks.append(Task(
-                index=t, name=f"task_{t + 1}", train=tr, val=val, query=fs.subset(pool[:q]),
+                index=t, name=category_task_name(cols, cache.label_names), train=tr, val=val, query=fs.subset(pool[:q]),
                 database=fs.subset(database), classes=tuple(cols),
             ))
         meta = {

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import sys
 import time
 import zipfile
 from contextlib import contextmanager
@@ -202,6 +204,30 @@ def model_fingerprint(spec: ModelSpec) -> Dict[str, Any]:
     return out
 
 
+class _NoRandomInitNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ..." notice: with ``pretrained:
+    none`` random weights are what was asked for (and recorded in the cache)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("No pretrained weights loaded for model")
+
+
+@contextmanager
+def _quiet_random_init(on: bool) -> Iterator[None]:
+    """Within the block, and only when ``on``, that one notice of open_clip (logged on
+    the root logger) is filtered out; every other record passes."""
+    if not on:
+        yield
+        return
+    notice = _NoRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+
+
 @dataclass
 class LoadedClip:
     """A CLIP model ready for extraction plus its image transform and tokenizer."""
@@ -238,7 +264,7 @@ def load_clip(spec: ModelSpec, device: torch.device) -> LoadedClip:
         else:
             pretrained = weights["weights"] if weights["kind"] == "file" else None
             fork_devices: List[int] = []
-            with torch.random.fork_rng(devices=fork_devices):
+            with torch.random.fork_rng(devices=fork_devices), _quiet_random_init(pretrained is None):
                 torch.manual_seed(spec.init_seed)  # random weights (pretrained none) are seeded, not global
                 model = open_clip.create_model(
                     weights["model_name"], pretrained=pretrained, device="cpu", pretrained_text=False,
@@ -717,8 +743,8 @@ def _run_chunks(
         ImageFiles(samples.paths, clip.preprocess), batch_sampler=[b for own in mine for b in own],
         num_workers=options.workers, collate_fn=collate_images, pin_memory=device.type == "cuda",
     )
-    bar = tqdm(total=n, initial=done, unit="img", desc="extract", disable=not (options.progress and ctx.is_main),
-               dynamic_ncols=True)
+    show = options.progress and ctx.is_main and sys.stderr.isatty()  # no \r frames in a redirected stderr
+    bar = tqdm(total=n, initial=done, unit="img", desc="extract", disable=not show, dynamic_ncols=True)
     written = 0
     it = iter(loader)
     try:

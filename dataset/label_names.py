@@ -2,14 +2,14 @@
 
 With these, a task list in a config can be written by name (``[[bicycle, car], ...]``)
 or by preset (``coco_balanced``), as the CASH / PBEH protocol states it. Column order
-of each list is the order of the label matrices the public feature / seed-004 files use:
+of each list is the order of the label matrices the public feature files and the DCMHT / DSPH ``.mat`` files use:
 
 - ``coco``: the 80 detection categories in COCO's canonical order (category id order).
 - ``nuswide81``: the 81 NUS-WIDE concepts, alphabetical (the ground-truth file order).
-- ``nuswide21``: the 21 most frequent concepts of the seed-004 NUS-WIDE files: the
+- ``nuswide21``: the 21 most frequent concepts of the DCMHT / DSPH NUS-WIDE files: the
   81-column order restricted to those 21 columns, so it is alphabetical as well.
 - ``mirflickr``: the 24 MIRFlickr-25K potential labels, alphabetical (the order of the
-  annotation files). Some seed-004 consumers list them in another order
+  annotation files). Some CLIP-hashing repositories list them in another order
   (``mirflickr_alt``); the label.mat itself carries no names, so check the order
   against a few images if names matter for your experiment.
 """
@@ -217,3 +217,17 @@ def resolve_tasks(
             cols.append(col)
         out.append(tuple(cols))
     return out
+
+
+def category_task_name(columns: Sequence[int], label_names: Sequence[str], shown: int = 3) -> str:
+    """A task's name from the categories that define it, for logs, results and plots:
+    ``bicycle, car`` or ``person, bicycle, car +13`` (the first ``shown`` names and how
+    many more); ``cats 0-4`` / ``cats 0,3,7`` by column when the labels have no names."""
+    cols = [int(c) for c in columns]
+    names = [str(label_names[c]) for c in cols if c < len(label_names) and str(label_names[c]).strip()]
+    if len(names) == len(cols) and cols:
+        more = len(names) - shown
+        return ", ".join(names[:shown]) + (f" +{more}" if more > 0 else "")
+    if len(cols) > 2 and cols == list(range(cols[0], cols[0] + len(cols))):
+        return f"cats {cols[0]}-{cols[-1]}"
+    return "cats " + ",".join(str(c) for c in cols)

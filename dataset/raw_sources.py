@@ -2,7 +2,7 @@
 
 Two input formats give the same ``RawSamples``:
 
-- seed-004 (DCMHT / DSPH ``.mat`` files): a folder with ``index.mat`` (image paths, a
+- the DCMHT / DSPH ``.mat`` layout: a folder with ``index.mat`` (image paths, a
   padded char array or a cell of strings), ``caption.mat`` (COCO: one cell of >= 5
   captions per image; MIRFlickr: one tag string per image) or ``caption.txt`` (NUS-WIDE:
   one line per image) and ``label.mat`` (N x C multi-hot). Alternative keys: ``imgs`` /
@@ -249,7 +249,7 @@ def read_mat_strings(path: PathLike, keys: Sequence[str], n_expected: Optional[i
     return key, [[s.strip().replace("\n", " ") for s in caps] for caps in samples]
 
 
-# ---------------------------------------------------------------------- seed-004
+# ---------------------------------------------------------------------- the DCMHT / DSPH .mat layout
 def read_seed004(
     folder: PathLike, rewrite: PathRewrite = PathRewrite(), label_names: Optional[str] = None
 ) -> RawSamples:
@@ -258,7 +258,7 @@ def read_seed004(
     index_file, label_file = folder / "index.mat", folder / "label.mat"
     for f in (index_file, label_file):
         if not f.is_file():
-            raise DataError(f"{f}: file not found; a seed-004 folder holds index.mat, caption.mat (or caption.txt) and label.mat")
+            raise DataError(f"{f}: file not found; a folder in the DCMHT / DSPH .mat layout holds index.mat, caption.mat (or caption.txt) and label.mat")
     label_key = _pick_key(label_file, LABEL_KEYS)
     labels = read_mat_array(label_file, label_key)
     if labels.ndim != 2:
@@ -349,11 +349,11 @@ def annotation_file(source: PathLike) -> Path:
             raise DataError(f"{source}: expected a .jsonl or .csv annotation file")
         return source
     if not source.is_dir():
-        raise DataError(f"{source}: not found (expected a seed-004 folder or a folder with a .jsonl / .csv file)")
+        raise DataError(f"{source}: not found (expected a folder in the DCMHT / DSPH .mat layout, or a folder with a .jsonl / .csv file)")
     found = sorted(p for p in source.iterdir() if p.suffix.lower() in (".jsonl", ".csv") and p.is_file())
     if not found:
         raise DataError(
-            f"{source}: no index.mat (seed-004) and no .jsonl / .csv annotation file found"
+            f"{source}: no index.mat (the DCMHT / DSPH .mat layout) and no .jsonl / .csv annotation file found"
         )
     if len(found) > 1:
         raise DataError(f"{source}: several annotation files ({', '.join(p.name for p in found)}); give one of them as the source")
@@ -428,7 +428,7 @@ def read_folder(
 def read_source(
     source: PathLike, rewrite: PathRewrite = PathRewrite(), label_names: Optional[str] = None
 ) -> RawSamples:
-    """Detects the format: a folder with ``index.mat`` is seed-004, else a JSONL / CSV source."""
+    """Detects the format: a folder with ``index.mat`` is the DCMHT / DSPH layout, else a JSONL / CSV source."""
     path = Path(source).expanduser()
     if path.is_dir() and (path / "index.mat").is_file():
         return read_seed004(path, rewrite, label_names)

@@ -232,7 +232,7 @@ class TaskMatDataset:
             train, val = carve_val(train, self.seed, t, self.val_fraction, self.val_size)
             tasks.append(Task(
                 index=t,
-                name=f"task_{t}",
+                name=f"task_{t + 1}",  # defined by files, not categories: its 1-based number
                 train=train,
                 val=val,
                 query=subsample(splits["test"], self.max_query, self.seed, "query", t),

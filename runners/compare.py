@@ -12,8 +12,11 @@ through the same code path as ``train`` and writes, in ``D``:
   paired difference to the reference config with a 95 % t interval;
 * ``comparison.csv`` (one row per config: every figure's mean and ``_std``),
   ``runs.csv`` (one row per config and seed) and ``paired.csv``;
-* PNG plots: each result matrix as a heatmap (first seed), mAP per task after the last
-  task, and mAP versus code length where a run reports bit-scalable figures.
+* PNG plots (``runners/compare_plots.py``): all result matrices side by side, A_t over
+  the tasks with seed bands, the final row, training curves, precision / recall by
+  Hamming radius, precision@N, and mAP versus code length where a run reports
+  bit-scalable figures; PNGs an earlier comparison in ``D`` drew and this one does not
+  are removed.
 
 Runs are independent processes' worth of state: each starts from the same threads and
 RNGs, so a config gives the same numbers alone, in any order, and with ``--jobs N``
@@ -30,7 +33,6 @@ import copy
 import csv
 import io
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +45,7 @@ from runners.results import RunResults
 from runners.run_guard import run_status
 from runners.seed_stats import PairedDifference, Spread, paired_difference, spread
 from utils.errors import DataError, OutputError, UserError
-from utils.io import atomic_write_bytes, atomic_write_text
+from utils.io import atomic_write_text
 
 DIRECTIONS = (("i2t", "image -> text"), ("t2i", "text -> image"))
 SUMMARY_KEYS = ("acc", "avg_incremental", "bwt", "forgetting", "fwt")
@@ -475,7 +477,7 @@ def format_paired(groups: Sequence[ComparedConfig], reference: ComparedConfig) -
 
 
 def comparison_markdown(groups: Sequence[ComparedConfig], reference: ComparedConfig,
-                        figures: Dict[str, List[str]]) -> str:
+                        figures: Dict[str, str], notes: Sequence[str] = ()) -> str:
     metrics = sorted({str(g.first.metric) for g in groups})
     lines = ["# Comparison", ""]
     lines.append(f"Metric: {', '.join(metrics)}" + (" (runs differ in metric: do not compare across them)"
@@ -494,28 +496,49 @@ def comparison_markdown(groups: Sequence[ComparedConfig], reference: ComparedCon
         for run in g.runs:
             lines.append(f"- {g.label}: `{g.config_file}`" + (f" seed {run.seed}" if run.seed is not None else "")
                          + f" -> `{run.run_dir}`" + (" (reused)" if run.reused else ""))
-    if figures.get("heatmaps"):
-        lines += ["", "## Result matrices (row = after task t, column = task evaluated; first seed)", ""]
-        lines += [f"![{Path(p).stem}]({p})" for p in figures["heatmaps"]]
-    if figures.get("final_row"):
-        lines += ["", "## mAP per task after the last task", ""] + [f"![final row]({p})" for p in figures["final_row"]]
-    if figures.get("code_length"):
-        lines += ["", "## mAP versus code length", "",
-                  "Lines: the most significant bits of one model's codes (bit-scalable runs); "
-                  "points: other runs at their own code length (task-agnostic mAP).", ""]
-        lines += [f"![code length]({p})" for p in figures["code_length"]]
+    for kind, title, caption in FIGURE_SECTIONS:
+        if figures.get(kind):
+            lines += ["", f"## {title}", "", caption, "", f"![{title}]({figures[kind]})"]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(out: Path, groups: Sequence[ComparedConfig], reference: ComparedConfig) -> Dict[str, List[str]]:
-    """Write the CSV files, the plots and comparison.md into ``out``; returns the figure
-    file names written, by kind."""
+FIGURE_SECTIONS = (
+    ("result_matrices", "Result matrices",
+     "R[t, j]: mAP on task j (column) after training task t (row), every config side by side; first seed."),
+    ("map_over_tasks", "mAP over tasks",
+     "A_t = mean of R[t, 1..t] after each task t; with several seeds the line is the mean and the band ± the "
+     "sample std."),
+    ("final_row", "mAP per task after the last task", "R[T, j] per task j; first seed."),
+    ("training_curves", "Training curves",
+     "Mean training loss per epoch and validation mAP (val queries against the task's train split) along the "
+     "stream; dotted lines separate tasks, a star marks the epoch each task kept; first seed."),
+    ("pr_curve", "Precision / recall by Hamming radius",
+     "All queries, task-agnostic, against every stored code after the last task; one point per radius; mean "
+     "over seeds."),
+    ("precision_at_n", "Precision of the top N",
+     "All queries, task-agnostic, against every stored code after the last task; mean (± std over seeds)."),
+    ("code_length", "mAP versus code length",
+     "Lines: the most significant bits of one model's codes (bit-scalable runs); points: other runs at their own "
+     "code length (task-agnostic mAP), spread sideways where several share a length."),
+)
+
+
+def write_comparison(out: Path, groups: Sequence[ComparedConfig], reference: ComparedConfig) -> Dict[str, str]:
+    """Write the CSV files, the plots and comparison.md into ``out``, after removing the
+    figures of an earlier comparison there that this one does not draw; returns the
+    figure file names written, by kind."""
+    from runners.compare_plots import write_plots
+
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "comparison.csv", comparison_csv(groups))
     atomic_write_text(out / "runs.csv", runs_csv(groups))
     atomic_write_text(out / "paired.csv", paired_csv(groups, reference))
-    figures = write_plots(out, [g.runs[0] for g in groups])
-    atomic_write_text(out / "comparison.md", comparison_markdown(groups, reference, figures))
+    notes = fill_curves(groups)
+    figures = write_plots(out, groups)
+    remove_stale_figures(out, list(figures.values()))
+    atomic_write_text(out / "comparison.md", comparison_markdown(groups, reference, figures, notes))
     return figures
 
 
@@ -524,108 +547,41 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
 
 
-def _save(fig, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def fill_curves(groups: Sequence[ComparedConfig]) -> List[str]:
+    """Give every finished run without recorded retrieval curves (runs from before the
+    runner recorded them) the curves computed from its checkpoint, in memory only: a
+    reused run's files are never changed. Returns a note per run that cannot have them."""
+    from runners.experiment import curves_from_checkpoint
 
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _matrix(results: RunResults, direction: str):
-    import numpy as np
-
-    T, done = results.tasks, results.completed_tasks
-    M = np.full((done, T), np.nan)
-    for t in range(done):
-        for j, v in enumerate(results.row(direction, t)):
-            if v is not None:
-                M[t, j] = float(v)
-    return M
-
-
-def write_plots(out: Path, runs: Sequence[ComparedRun]) -> Dict[str, List[str]]:
-    """Heatmaps, grouped final-row bars and (when available) mAP vs code length, drawn
-    with matplotlib's Agg canvas (no display, no global backend switch)."""
-    from matplotlib.figure import Figure
-
-    colour = {id(run): f"C{i % 10}" for i, run in enumerate(runs)}   # one colour per run in every plot
-    figures: Dict[str, List[str]] = {"heatmaps": [], "final_row": [], "code_length": []}
-    for run in runs:
-        for d, title in DIRECTIONS:
-            M = _matrix(run.results, d)
-            if M.size == 0:
+    notes = []
+    for g in groups:
+        for run in g.runs:
+            r = run.results
+            wanted = (r.config or {}).get("runner", {}).get("task_agnostic", True)
+            if r.curves or not r.finished or not wanted:
                 continue
-            T = M.shape[1]
-            fig = Figure(figsize=(1.2 + 0.75 * T, 0.9 + 0.65 * M.shape[0]))
-            ax = fig.add_subplot()
-            im = ax.imshow(M, vmin=0.0, vmax=1.0, cmap="viridis")
-            for t in range(M.shape[0]):
-                for j in range(T):
-                    if not math.isnan(M[t, j]):
-                        ax.text(j, t, f"{M[t, j]:.2f}", ha="center", va="center", fontsize=8,
-                                color="black" if M[t, j] > 0.6 else "white")
-            ax.set_xticks(range(T), [str(j + 1) for j in range(T)])
-            ax.set_yticks(range(M.shape[0]), [str(t + 1) for t in range(M.shape[0])])
-            ax.set_xlabel("task evaluated")
-            ax.set_ylabel("after training task")
-            ax.set_title(f"{run.label}: {title}", fontsize=9)
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-            name = f"heatmap_{run.slug}_{d}.png"
-            _save(fig, out / name)
-            figures["heatmaps"].append(name)
+            try:
+                r.curves = curves_from_checkpoint(run.run_dir)
+            except (UserError, OSError, ValueError, KeyError, RuntimeError) as exc:
+                # best effort: e.g. no checkpoint, data moved, or a model whose code changed since (its
+                # state no longer loads); the comparison goes on without these two figures for the run
+                notes.append(f"{g.label}: no precision / recall curves ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]})")
+    return notes
 
-    # grouped bars: one panel per dataset and direction
-    datasets: Dict[str, List[ComparedRun]] = {}
-    for run in runs:
-        datasets.setdefault(str(run.results.dataset), []).append(run)
-    fig = Figure(figsize=(11, 3.2 * len(datasets)))
-    axes = fig.subplots(len(datasets), 2, squeeze=False)
-    for row, (dataset, group) in enumerate(datasets.items()):
-        for col, (d, title) in enumerate(DIRECTIONS):
-            ax = axes[row][col]
-            T = max(len(r.results.final_row(d)) for r in group)
-            width = 0.8 / max(1, len(group))
-            for k, run in enumerate(group):
-                vals = [float("nan") if v is None else v for v in run.results.final_row(d)]
-                xs = [j + (k - (len(group) - 1) / 2) * width for j in range(len(vals))]
-                ax.bar(xs, vals, width=width, label=run.label, color=colour[id(run)])
-            ax.set_xticks(range(T), [f"task {j + 1}" for j in range(T)])
-            ax.set_ylim(0, 1)
-            ax.set_ylabel("mAP")
-            ax.set_title(f"{dataset}: {title}, after the last task", fontsize=9)
-            ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    _save(fig, out / "final_row.png")
-    figures["final_row"].append("final_row.png")
 
-    scalable = [r for r in runs if r.results.bit_scalable]
-    if scalable:
-        fig = Figure(figsize=(10, 3.4))
-        axes = fig.subplots(1, 2, squeeze=False)[0]
-        for ax, (d, title) in zip(axes, DIRECTIONS):
-            for run in runs:
-                bs = run.results.bit_scalable
-                if bs:
-                    pts = sorted((int(b), float(v[d])) for b, v in bs.items())
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=run.label, color=colour[id(run)])
-                else:
-                    agn, bits = run.results.agnostic(d), run.results.bits
-                    if agn is not None and bits:
-                        ax.scatter([bits[-1]], [agn], marker="s", label=run.label, color=colour[id(run)])
-            ax.set_xscale("log", base=2)
-            ticks = sorted({int(b) for r in runs for b in (r.results.bit_scalable or {})}
-                           | {int(r.results.bits[-1]) for r in runs if r.results.bits})
-            ax.set_xticks(ticks, [str(b) for b in ticks])
-            ax.minorticks_off()
-            ax.set_xlabel("code length (bits)")
-            ax.set_ylabel("mAP, all queries vs all stored codes")
-            ax.set_title(title, fontsize=9)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        _save(fig, out / "code_length.png")
-        figures["code_length"].append("code_length.png")
-    return figures
+def remove_stale_figures(out: Path, written: Sequence[str]) -> List[str]:
+    """Delete the PNG files an earlier comparison in ``out`` wrote (the images its
+    comparison.md shows) that this one does not write; nothing else is touched."""
+    old = out / "comparison.md"
+    try:
+        text = old.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    removed = []
+    for name in sorted(set(re.findall(r"!\[[^\]]*\]\(([^)/\\]+\.png)\)", text)) - set(written)):
+        path = out / name
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+    return removed

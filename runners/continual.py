@@ -29,7 +29,7 @@ from common.register import RUNNERS
 from dataset.feature_set import FeatureSet, Task, TaskStream
 from models.base import Batch, HashModel
 from runners.evaluation import (
-    encode_codes, score_against_store, score_bit_prefixes, score_directions, task_inference_accuracy,
+    encode_codes, retrieval_curves, score_against_store, score_bit_prefixes, score_directions, task_inference_accuracy,
 )
 from runners.optim import build_optimizers
 from runners.outputs import RunOutput
@@ -402,10 +402,12 @@ class ContinualRunner:
         steps = max(1, math.ceil(n / self.batch_size))
         return steps - 1 if steps > 1 and n - (steps - 1) * self.batch_size < 2 else steps
 
-    def _bar(self, t: int, total: int):
-        """A bar over the task's optimiser steps, shown only on an interactive terminal."""
+    def _bar(self, t: int, total: int, what: str = "train", unit: str = "step"):
+        """A bar over task t's optimiser steps (or evaluation parts), shown only on an
+        interactive terminal."""
         show = self.progress and self._dist.is_main and sys.stderr.isatty()
-        return tqdm(total=total, desc=f"task {t + 1}", unit="step", disable=not show, leave=False, dynamic_ncols=True)
+        return tqdm(total=total, desc=f"task {t + 1} {what}", unit=unit, disable=not show, leave=False,
+                    dynamic_ncols=True)
 
     def validate(self, model: HashModel, task: Task, task_index: int) -> float:
         """Mean of both directions' mAP: val queries against the task's train split."""
@@ -436,7 +438,11 @@ class ContinualRunner:
         output: RunOutput,
     ) -> None:
         """Store the plan's database codes, then fill row t of the result matrices and
-        the task-agnostic column (and R[t, t+1] for forward transfer)."""
+        the task-agnostic column (and R[t, t+1] for forward transfer); a bar counts the
+        parts (one per database encoded, per task scored, the agnostic and the next-task
+        score)."""
+        forward = self.forward_transfer and not plan.joint and t + 1 < len(tasks)
+        bar = self._bar(t, len(plan.stored) + t + 1 + int(self.task_agnostic) + int(forward), "eval", "part")
         for j in plan.stored:
             db = tasks[j].database
             codes = encode_codes(model, db, plan.query_task(j), self.eval_batch_size, self._dist)
@@ -444,11 +450,13 @@ class ContinualRunner:
             for collapse in code_collapse(store.get(j)):
                 output.logger.warning("warning: " + collapse.message())
                 results.notes.append(collapse.message())
+            bar.update(1)
         for j in range(t + 1):
             scores = score_against_store(model, tasks[j].query, plan.query_task(j), store, [j], self.topk,
                                          self.eval_batch_size, self._dist)
             for d in DIRECTIONS:
                 results.map[d][t][j] = round(scores[d], 6)
+            bar.update(1)
         if self.task_agnostic:
             queries = FeatureSet.concat([tasks[j].query for j in range(t + 1)])
             scores = score_against_store(model, queries, None, store, list(range(t + 1)), self.topk,
@@ -463,7 +471,8 @@ class ContinualRunner:
                         results.task_inference = {m: [] for m in accuracy}
                     for m, value in accuracy.items():
                         results.task_inference[m].append(round(value, 6))
-        if self.forward_transfer and not plan.joint and t + 1 < len(tasks):
+            bar.update(1)
+        if forward:
             # Score the next, unseen task with the current model (its database encoded
             # on the fly, not stored): the R[t, t+1] entry that forward transfer needs.
             nxt = tasks[t + 1]
@@ -474,6 +483,8 @@ class ContinualRunner:
             scores = score_directions(q, nxt.query.labels, tmp.entries(), self.topk)
             for d in DIRECTIONS:
                 results.map_next[d][t] = round(scores[d], 6)
+            bar.update(1)
+        bar.close()
 
     def _untrained_scores(self, initial: HashModel, tasks: List[Task], device: torch.device) -> Dict[str, List[float]]:
         """b_j: each task scored by the run's own initial model before any training (a
@@ -497,18 +508,24 @@ class ContinualRunner:
         return out
 
     def _finish(self, model: HashModel, tasks: List[Task], store: CodeStore, results: RunResults) -> None:
-        """Bit-scalable figures when the model ranks its bits (SCAHN)."""
+        """After the last task: the retrieval curves of all queries, task-agnostic, against
+        every stored code (with ``task_agnostic``), and the bit-scalable figures when the
+        model ranks its bits (SCAHN)."""
         significance = model.bit_significance()
-        if significance is None:
+        if not self.task_agnostic and significance is None:
             return
         entries = store.entries()
+        queries = FeatureSet.concat([task.query for task in tasks])
+        q = encode_codes(model, queries, None, self.eval_batch_size, self._dist)
+        if self.task_agnostic:
+            results.curves = retrieval_curves(q, queries.labels, entries)
+        if significance is None:
+            return
         if len({e.bits for e in entries}) != 1 or entries[0].bits != model.bits:
             results.notes.append("bit_scalable skipped: stored codes differ in length")
             return
         lengths = sorted({b for b in self.scalable_bits if b < model.bits} | {model.bits})
         order = torch.argsort(significance.detach().float().cpu(), descending=True, stable=True)
-        queries = FeatureSet.concat([task.query for task in tasks])
-        q = encode_codes(model, queries, None, self.eval_batch_size, self._dist)
         results.bit_order = order.tolist()
         results.bit_scalable = {
             k: {d: round(v, 6) for d, v in s.items()}

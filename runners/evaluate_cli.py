@@ -11,10 +11,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict, List
 
-import torch
-
 from common.calc_utils import calc_map_k, calc_pr_curve, calc_precision_at_n
-from runners.evaluation import encode_codes
+from runners.evaluation import direction_inputs, encode_codes
 from runners.experiment import load_run
 from runners.config import build
 from utils.errors import UserError
@@ -61,22 +59,10 @@ def report_lines(method: str, task: int, metric: str, ties: str, report: Dict[st
     return lines
 
 
-def _direction_inputs(codes: Dict[str, torch.Tensor], entries) -> Dict[str, tuple]:
-    out = {}
-    for direction, q_mod, db_mod in (("i2t", "image", "text"), ("t2i", "text", "image")):
-        segs = [e.codes(db_mod) for e in entries]
-        labs = [torch.from_numpy(e.labels) for e in entries]
-        if len(segs) == 1 and segs[0].shape[1] == codes[q_mod].shape[1]:
-            out[direction] = (codes[q_mod].cpu(), segs[0], labs[0])
-        else:
-            out[direction] = (codes[q_mod].cpu(), segs, labs)
-    return out
-
-
 def score_queries(codes, labels, entries, args) -> Dict[str, Any]:
     """Every requested figure, per direction, for one query set against ``entries``."""
     result: Dict[str, Any] = {}
-    for direction, (q, db, dl) in _direction_inputs(codes, entries).items():
+    for direction, (q, db, dl) in direction_inputs(codes, entries).items():
         figs: Dict[str, Any] = {"map": float(calc_map_k(q, db, labels.cpu(), dl, k=args.topk, ties=args.ties))}
         if args.precision_at:
             p = calc_precision_at_n(q, db, labels.cpu(), dl, ns=args.precision_at, ties=args.ties)

@@ -5,11 +5,11 @@ every path encodes and scores the same way.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from common.calc_utils import calc_map_k
+from common.calc_utils import calc_map_k, calc_pr_curve, calc_precision_at_n
 from common.code_store import CodeStore, StoredCodes
 from dataset.feature_set import FeatureSet
 from models.base import HashModel, sign_codes
@@ -77,6 +77,25 @@ def task_inference_accuracy(
     return out
 
 
+def direction_inputs(
+    query_codes: Dict[str, torch.Tensor], entries: Sequence[StoredCodes]
+) -> Dict[str, Tuple[torch.Tensor, Any, Any]]:
+    """Per direction, (query codes, database codes, database labels) for the metric
+    calls: image queries against stored text codes (i2t) and the reverse (t2i). One
+    segment of the query's length is passed whole; several, or a shorter one, as lists
+    (prefix truncation)."""
+    labels = [torch.from_numpy(e.labels) for e in entries]
+    out = {}
+    for direction, q_mod, db_mod in (("i2t", "image", "text"), ("t2i", "text", "image")):
+        segments = [e.codes(db_mod) for e in entries]
+        q = query_codes[q_mod].detach().cpu()
+        if len(segments) == 1 and segments[0].shape[1] == q.shape[1]:
+            out[direction] = (q, segments[0], labels[0])
+        else:
+            out[direction] = (q, segments, labels)
+    return out
+
+
 def score_directions(
     query_codes: Dict[str, torch.Tensor],
     query_labels: torch.Tensor,
@@ -85,16 +104,35 @@ def score_directions(
 ) -> Dict[str, float]:
     """mAP of image queries against stored text codes (i2t) and text queries against
     stored image codes (t2i), over the union of ``entries`` with prefix truncation."""
-    labels = [torch.from_numpy(e.labels) for e in entries]
     q_labels = query_labels.detach().cpu()
-    out = {}
-    for direction, q_mod, db_mod in (("i2t", "image", "text"), ("t2i", "text", "image")):
-        segments = [e.codes(db_mod) for e in entries]
-        q = query_codes[q_mod].detach().cpu()
-        if len(segments) == 1 and segments[0].shape[1] == q.shape[1]:
-            out[direction] = float(calc_map_k(q, segments[0], q_labels, labels[0], k=topk))
-        else:
-            out[direction] = float(calc_map_k(q, segments, q_labels, labels, k=topk))
+    return {d: float(calc_map_k(q, db, q_labels, dl, k=topk))
+            for d, (q, db, dl) in direction_inputs(query_codes, entries).items()}
+
+
+# N of the top-N precision curve a run records (those up to the database size are kept)
+CURVE_NS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+def retrieval_curves(
+    query_codes: Dict[str, torch.Tensor], query_labels: torch.Tensor, entries: Sequence[StoredCodes],
+) -> Dict[str, Dict[str, Any]]:
+    """Per direction, precision / recall by Hamming radius and the top-N precision
+    curve of these queries against ``entries`` (ranking and ties as ``calc_map_k``):
+    ``{"i2t": {"pr_curve": {radius, precision, recall}, "precision_at": {"n": [...],
+    "precision": [...]}}, "t2i": ...}``, numbers rounded to 6 decimals."""
+    size = sum(len(e) for e in entries)
+    ns = [n for n in CURVE_NS if n <= size] or [size]
+    q_labels = query_labels.detach().cpu()
+    out: Dict[str, Dict[str, Any]] = {}
+    for d, (q, db, dl) in direction_inputs(query_codes, entries).items():
+        pr = calc_pr_curve(q, db, q_labels, dl)
+        top = calc_precision_at_n(q, db, q_labels, dl, ns=ns)
+        out[d] = {
+            "pr_curve": {"radius": [int(r) for r in pr["radius"]],
+                         "precision": [round(float(v), 6) for v in pr["precision"]],
+                         "recall": [round(float(v), 6) for v in pr["recall"]]},
+            "precision_at": {"n": list(ns), "precision": [round(top[n], 6) for n in ns]},
+        }
     return out
 
 

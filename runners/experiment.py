@@ -166,6 +166,19 @@ def load_run(run_dir: str | Path, task: Optional[int] = None, device: str = "cpu
     return TrainedRun(root, config, model, store, RunResults.from_dict(ckpt["results"]), finished)
 
 
+def curves_from_checkpoint(run_dir: str | Path) -> Dict[str, Dict[str, Any]]:
+    """The retrieval curves a run records after its last task (``RunResults.curves``:
+    all queries, task-agnostic, against every stored code), computed from its checkpoint
+    and data, for runs written before the runner recorded them."""
+    from dataset.feature_set import FeatureSet
+    from runners.evaluation import encode_codes, retrieval_curves
+
+    run = load_run(run_dir)
+    stream = build("dataset", run.config).load()
+    queries = FeatureSet.concat([task.query for task in stream.tasks[: run.task]])
+    return retrieval_curves(encode_codes(run.model, queries, None), queries.labels, run.store.entries())
+
+
 def _fmt(v: Optional[float]) -> str:
     return f"{'-':>9}" if v is None else f"{v:>9.4f}"
 

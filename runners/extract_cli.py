@@ -29,7 +29,7 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     )
     src = parser.add_argument_group("input")
     src.add_argument("--source", required=True, metavar="PATH",
-                     help="a seed-004 folder (index.mat, caption.mat or caption.txt, label.mat) or a folder / "
+                     help="a folder in the DCMHT / DSPH .mat layout (index.mat, caption.mat or caption.txt, label.mat) or a folder / "
                           "file with a .jsonl or .csv annotation file (image, captions, labels)")
     src.add_argument("--image-root", metavar="DIR",
                      help="folder holding the images; stored paths (minus --strip-prefix) are joined to it")

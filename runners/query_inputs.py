@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -132,14 +131,6 @@ def open_image(data: bytes | str | Path, what: str):
         raise DataError(f"{what}: cannot decode the image ({type(exc).__name__}: {' '.join(str(exc).split())[:100]})") from None
 
 
-class _DropRandomWeightsWarning(logging.Filter):
-    """open_clip warns that a model built without weights is random; a cache made with
-    random weights (``weights: none`` in its fingerprint) is so on purpose."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No pretrained weights loaded")
-
-
 class ClipQueryEncoder:
     """The CLIP model that made a feature cache, rebuilt from local weights and checked
     against the cache's fingerprint, so raw queries land in the space the run was
@@ -175,12 +166,7 @@ class ClipQueryEncoder:
         if stored != mine:
             raise UserError(f"--pretrained: not the CLIP model of {cache} ({fingerprint_difference(stored, mine)})")
         dev = pick_device(device)
-        quiet = _DropRandomWeightsWarning()
-        logging.getLogger().addFilter(quiet)
-        try:
-            clip = load_clip(spec, dev)
-        finally:
-            logging.getLogger().removeFilter(quiet)
+        clip = load_clip(spec, dev)  # random weights (weights: none) are on purpose: no notice about them
         return cls(clip, layer_indices(clip.model, int(fp.get("layers") or 0)), dev)
 
     @torch.no_grad()

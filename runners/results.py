@@ -60,6 +60,7 @@ class RunResults:
     task_inference: Optional[Dict[str, List[float]]] = None
     bit_order: Optional[List[int]] = None
     bit_scalable: Optional[Dict[str, Dict[str, float]]] = None
+    curves: Optional[Dict[str, Dict[str, Any]]] = None
 
     @classmethod
     def start(cls, tasks: int, **facts: Any) -> "RunResults":
@@ -70,7 +71,7 @@ class RunResults:
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> Dict[str, Any]:
         out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        for key in ("bit_order", "bit_scalable", "task_inference"):  # only for models that have them
+        for key in ("bit_order", "bit_scalable", "task_inference", "curves"):  # only for models / runs that have them
             if out[key] is None:
                 del out[key]
         return out

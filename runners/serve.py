@@ -34,10 +34,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def set_search_threads(n: int) -> None:
     """FAISS (OpenMP) and torch intra-op threads of this process: the serving process's
     own setting, made once at start-up by the command."""
-    import faiss
     import torch
 
-    faiss.omp_set_num_threads(n)
+    from common.binary_index import faiss_module
+
+    faiss_module().omp_set_num_threads(n)
     torch.set_num_threads(n)
 
 

@@ -1,6 +1,9 @@
 """FAISS binary indexes over stored codes: exact distances vs brute force, codes of
 different lengths, id mapping, save / load, hashed kinds, and the index / search CLI."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,8 +94,8 @@ def test_pad_bits_never_count():
     clean.add(0, ones, ones, np.ones((1, 1)), ["x"])
     state = clean.state()
     for m in ("image", "text"):
-        state[f"t0_{m}"] = state[f"t0_{m}"].copy()
-        state[f"t0_{m}"][:, -1] |= 0x0F  # garbage in the 4 pad bits (MSB-first packing)
+        state[f"t1_{m}"] = state[f"t1_{m}"].copy()
+        state[f"t1_{m}"][:, -1] |= 0x0F  # garbage in the 4 pad bits (MSB-first packing)
     s = CodeStore.from_state(state)
     index = BinaryIndex.build(s, "image", "flat")
     q = np.concatenate([np.ones((1, 12)), -np.ones((1, 4))], axis=1)  # 16-bit query, last 4 bits differ
@@ -440,3 +443,32 @@ def test_stale_index_refused(tiny_run, capsys, tmp_path):
     code, out, err = _cli(["search", "--index", tmp_path / "ix", "--query-modality", "text",
                            "--feature-file", tiny_run / "q.npy", "--row", "0"], capsys)
     assert code == 2 and "rebuild it" in err
+
+
+def test_without_faiss_index_search_serve_say_which_extra(tiny_run, capsys, monkeypatch, tmp_path):
+    """FAISS is the optional ``index`` extra: without it, index / search / serve end with
+    one line naming the extra, and nothing is written."""
+    from runners.serve import set_search_threads
+
+    if not (tiny_run / "run" / "index").exists():
+        assert _cli(["index", "--run-dir", tiny_run / "run"], capsys)[0] == 0
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    for args in (["index", "--run-dir", tiny_run / "run", "--output", tmp_path / "ix"],
+                 ["search", "--run-dir", tiny_run / "run", "--query-modality", "text",
+                  "--feature-file", tiny_run / "q.npy", "--row", "0"]):
+        code, out, err = _cli(args, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("error: ") and "pip install 'ccmh[index]'" in err
+    assert not (tmp_path / "ix").exists()
+    with pytest.raises(UserError, match=r"ccmh\[serve\]"):
+        set_search_threads(1)
+
+
+def test_training_and_the_command_line_import_without_faiss():
+    """Only index / search / serve need FAISS: the command line loads and lists without it."""
+    code = ("import sys; sys.modules['faiss'] = None; import runners.cli; "
+            "sys.exit(runners.cli.main(['list']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "models:" in proc.stdout and "DSPH" in proc.stdout

@@ -1,4 +1,4 @@
-"""CLIP feature pipeline: raw inputs (seed-004 .mat, JSONL, CSV) -> extraction with a tiny
+"""CLIP feature pipeline: raw inputs (DCMHT / DSPH .mat, JSONL, CSV) -> extraction with a tiny
 open_clip model -> HDF5 cache (deterministic, resumable, refusing what it cannot trust)
 -> ``clip_cache`` task streams -> a training run; the same extraction under torchrun."""
 import argparse
@@ -24,7 +24,8 @@ from dataset.clip_extract import (
 )
 from runners.extract_cli import add_extract_arguments, run_extract
 from dataset.feature_cache import partial_path, read_cache
-from dataset.label_names import COCO, NUSWIDE81, TASK_PRESETS, resolve_label_names, resolve_tasks
+from dataset.label_names import (COCO, NUSWIDE81, TASK_PRESETS, category_task_name, resolve_label_names,
+                                 resolve_tasks)
 from dataset.raw_sources import PathRewrite, common_folder, read_source
 from utils.errors import ConfigError, DataError, UserError
 
@@ -425,11 +426,38 @@ def test_single_task_split(cache_a):
     assert layered.tasks[0].train.image_layers.shape[1:] == (2, 64)
 
 
+def test_random_weights_build_without_open_clips_notice(work, caplog):
+    """``pretrained: none`` is random on purpose: open_clip's "No pretrained weights
+    loaded" notice is dropped inside load_clip, and only there; other records pass."""
+    import logging
+
+    import open_clip
+
+    with caplog.at_level(logging.WARNING):
+        load_clip(spec(work), torch.device("cpu"))
+        assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+        logging.warning("another warning")
+        open_clip.create_model("tiny_clip", pretrained=None)  # outside load_clip the notice is left alone
+    messages = [r.getMessage() for r in caplog.records]
+    assert "another warning" in messages
+    assert any(m.startswith("No pretrained weights loaded for model 'tiny_clip'") for m in messages)
+
+
+def test_category_task_names():
+    cols = resolve_tasks("coco_balanced", COCO)[0]
+    assert category_task_name(cols, COCO) == f"{COCO[cols[0]]}, {COCO[cols[1]]}, {COCO[cols[2]]} +{len(cols) - 3}"
+    assert category_task_name((1, 2), COCO) == "bicycle, car"
+    assert category_task_name((0, 1, 2, 3, 4), ()) == "cats 0-4"      # labels without names: by column
+    assert category_task_name((0, 3, 7), ["", "", "", "", "", "", "", ""]) == "cats 0,3,7"
+
+
 def test_category_stream_assignment_rule(cache_a):
     assert assign_tasks(multi_hot(), [(0, 1), (2, 3)]).tolist() == EXPECTED_TASK
     ds = ClipCacheDataset(str(cache_a), tasks=[["cat", "dog"], ["car", "tree"]], task_query=2, task_train=0.75, val_size=1)
     stream = ds.load()
     assert [t.classes for t in stream.tasks] == [(0, 1), (2, 3)]
+    assert [t.name for t in stream.tasks] == ["cat, dog", "car, tree"]  # named by their categories
+    assert stream.describe()[0].startswith("task 1 (cat, dog): ")
     assert stream.meta["dropped"] == 1 and stream.meta["assignment"].startswith("most_labels")
     for t in stream.tasks:
         members = {i for i, e in enumerate(EXPECTED_TASK) if e == t.index}

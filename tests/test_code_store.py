@@ -61,6 +61,30 @@ def test_save_load_roundtrip(tmp_path):
     assert back.get(0).ids == tuple(f"img{i}" for i in range(5))
 
 
+
+def test_file_numbers_tasks_from_1_and_the_0_based_layout_still_loads(tmp_path):
+    """codes.npz names task 1 ``t1_*`` (user-facing numbering); a file of the earlier
+    layout (``t0_*``, no ``task_base``) reads back to the same store."""
+    store = CodeStore()
+    store.add(0, rand_codes(5, 12, 1), rand_codes(5, 12, 3), torch.eye(5)[:, :4], ids=[f"img{i}" for i in range(5)])
+    store.add(1, rand_codes(4, 20, 2), rand_codes(4, 20, 4), torch.ones(4, 4))
+    store.save(tmp_path / "codes.npz")
+    with np.load(tmp_path / "codes.npz") as data:
+        assert data["tasks"].tolist() == [1, 2] and int(data["task_base"]) == 1
+        assert {"t1_image", "t1_text", "t1_labels", "t1_ids", "t1_bits", "t2_image"} <= set(data.files)
+        assert not any(k.startswith("t0_") for k in data.files)
+        assert int(data["t2_bits"]) == 20
+    old = {"tasks": np.array([0, 1])}
+    for t, e in enumerate(store.entries()):
+        old.update({f"t{t}_bits": np.array(e.bits), f"t{t}_image": e.image, f"t{t}_text": e.text,
+                    f"t{t}_labels": e.labels, f"t{t}_ids": np.array(e.ids, dtype=str)})
+    np.savez(tmp_path / "old.npz", **old)
+    back = CodeStore.load(tmp_path / "old.npz")
+    assert back.tasks() == [0, 1] and back.bits() == {0: 12, 1: 20}
+    for t in (0, 1):
+        assert torch.equal(back.get(t).codes("text"), store.get(t).codes("text"))
+    assert back.get(0).ids == store.get(0).ids
+
 def test_bad_input_refused(tmp_path):
     store = CodeStore()
     with pytest.raises(ValueError, match="differ in shape"):

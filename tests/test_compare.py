@@ -8,6 +8,7 @@ import pytest
 
 import main
 import runners.compare as compare
+import runners.compare_plots as compare_plots
 from runners.compare import add_compare_arguments, reusable, run_compare
 from runners.config import load_config
 from runners.results import RunResults
@@ -41,6 +42,18 @@ def fake_results(method, config, T=3, bits=16, offset=0.0, scalable=None, status
     if with_config:
         out["config"] = config
     return out
+
+
+def is_png(path):
+    """A whole PNG file: signature, IHDR first, IEND last, and Pillow decodes it."""
+    from PIL import Image
+
+    data = Path(path).read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or data[-8:-4] != b"IEND":
+        return False
+    with Image.open(path) as im:
+        im.load()
+        return im.size[0] > 200 and im.size[1] > 100
 
 
 def place(out_dir, name, results):
@@ -108,9 +121,12 @@ def test_reuses_finished_runs_and_writes_table_and_plots(tmp_path, no_training):
 
     md = (out / "comparison.md").read_text()
     assert "| DCMHT | i2t | 0.7500 | 0.8500 | 0.9500 |" in md
-    for name in ["heatmap_DSPH_demo_i2t.png", "heatmap_SCAHN_demo_t2i.png", "final_row.png", "code_length.png"]:
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    for name in ["result_matrices.png", "map_over_tasks.png", "final_row.png", "training_curves.png",
+                 "code_length.png"]:
+        assert is_png(out / name), name
         assert f"({name})" in md
+    # hand-made results have no checkpoint to compute retrieval curves from: said, not drawn
+    assert not (out / "pr_curve.png").exists() and "DSPH: no precision / recall curves" in md
 
 
 def test_changed_config_runs_again_and_unfinished_resumes(tmp_path, no_training):
@@ -241,3 +257,79 @@ def test_parallel_jobs_give_the_serial_numbers_in_any_order(tmp_path):
     for (tag, method, seed), m in maps.items():
         assert m == maps[("serial", method, seed)], (tag, method, seed)
     assert len(maps) == 8
+    # every figure of a real comparison, from what the runs recorded
+    md = (tmp_path / "serial" / "comparison.md").read_text()
+    for name in compare_plots.FIGURE_FILES:
+        if name != "code_length.png":   # no bit-scalable run here
+            assert is_png(tmp_path / "serial" / name), name
+            assert f"({name})" in md, name
+    assert "no precision / recall curves" not in md
+
+
+def test_recorded_curves_equal_those_computed_from_the_checkpoint(tmp_path):
+    """The runner records precision / recall by radius and precision@N after the last
+    task; compare's fallback for older runs computes the same from the checkpoint."""
+    from conftest import tiny_config
+    from runners.experiment import curves_from_checkpoint, run_config
+
+    results = run_config(tiny_config("DSPH", epochs=1), tmp_path / "run", quiet=True)
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())["curves"]
+    assert on_disk == results.curves == curves_from_checkpoint(tmp_path / "run")
+    for d in ("i2t", "t2i"):
+        pr, top = on_disk[d]["pr_curve"], on_disk[d]["precision_at"]
+        assert pr["radius"] == list(range(results.bits[-1] + 1))
+        assert pr["recall"][-1] == 1.0 and pr["recall"] == sorted(pr["recall"])   # radius = bits retrieves all
+        assert all(0.0 <= v <= 1.0 for v in pr["precision"] + top["precision"])
+        assert top["n"][0] == 1 and top["n"] == sorted(top["n"])
+    older = json.loads((tmp_path / "run" / "results.json").read_text())
+    del older["curves"]                                   # a results.json from before curves were recorded
+    back = RunResults.from_dict(older)
+    assert back.curves is None and "curves" not in back.to_dict() and back.finished
+
+
+def test_task_average_curve_is_the_mean_of_each_row_of_R(tmp_path, no_training):
+    """A_t (map_over_tasks.png) = mean of R[t][0..t]; with seeds, the mean and sample std
+    over seeds point by point (the band)."""
+    runs = []
+    for seed, offset in ((1, 0.0), (2, 0.03), (3, 0.09)):
+        res = fake_results("DSPH", load_config(DSPH, []), T=3, offset=offset)
+        res["summary"] = {}          # no stored per-step averages: computed from R itself
+        runs.append(RunResults.from_dict(res))
+    for r in runs:
+        for d in ("i2t", "t2i"):
+            R = r.map[d]
+            expected = [sum(R[t][: t + 1]) / (t + 1) for t in range(3)]
+            assert compare_plots.task_average_curve(r, d) == pytest.approx(expected, abs=1e-12)
+    # i2t rows of the fake R: [0.9], [0.8, 0.9], [0.7, 0.8, 0.9] (+ offset)
+    assert compare_plots.task_average_curve(runs[0], "i2t") == pytest.approx([0.9, 0.85, 0.8])
+    mean, std = compare_plots.mean_band([compare_plots.task_average_curve(r, "i2t") for r in runs])
+    assert mean == pytest.approx([0.94, 0.89, 0.84])
+    assert std == pytest.approx([0.04582575694955841] * 3)      # sample std of 0, 0.03, 0.09
+    assert compare_plots.mean_band([[0.5, 0.6]]) == ([0.5, 0.6], [None, None])
+
+
+def test_a_new_comparison_removes_only_its_own_stale_figures(tmp_path, no_training):
+    """PNGs an earlier comparison.md showed and this comparison no longer draws go;
+    a user's file, and a figure linked elsewhere, stay."""
+    out = tmp_path / "cmp"
+    out.mkdir()
+    for name in ("heatmap_DSPH_demo_i2t.png", "code_length.png", "mine.png", "result_matrices.png"):
+        (out / name).write_bytes(b"old")
+    (out / "plots").mkdir()
+    (out / "plots" / "deep.png").write_bytes(b"old")
+    (out / "comparison.md").write_text("# Comparison\n![a](heatmap_DSPH_demo_i2t.png)\n![b](code_length.png)\n"
+                                       "![c](result_matrices.png)\n![d](plots/deep.png)\n")
+    place(out, "DSPH_demo", fake_results("DSPH", load_config(DSPH, [])))
+    assert run_compare(args_for([DSPH], out)) == 0
+    assert not (out / "heatmap_DSPH_demo_i2t.png").exists()
+    assert not (out / "code_length.png").exists()              # no bit-scalable run this time
+    assert (out / "mine.png").read_bytes() == b"old"            # never shown by compare: the user's
+    assert (out / "plots" / "deep.png").read_bytes() == b"old"  # only bare names in the folder itself
+    assert is_png(out / "result_matrices.png")                  # redrawn
+
+
+def test_plots_label_tasks_by_their_categories():
+    r = RunResults(tasks=3, task_names=["person, bicycle, car +13", "task_2", "all"])
+    assert compare_plots.task_label(r, 0) == "task 1\nperson, bicycle,\ncar +13"
+    assert compare_plots.task_label(r, 1) == "task 2" and compare_plots.task_label(r, 2) == "task 3"
+    assert compare_plots.task_label(RunResults(tasks=1), 0) == "task 1"

@@ -150,6 +150,7 @@ def test_task_mat_task_count_limit_subsample_and_normalize(tmp_path):
     write_tasks(tmp_path, "nuswide", "v5", SIZES)
     two = TaskMatDataset(root=str(tmp_path), scheme="nuswide", num_tasks=2, val_fraction=0.0).load()
     assert len(two) == 2 and len(two.tasks[0].val) == 0
+    assert [t.name for t in two.tasks] == ["task_1", "task_2"]  # defined by files: numbered from 1 as in the log
     capped = TaskMatDataset(root=str(tmp_path), max_query=2, max_database=10, max_train=8, val_fraction=0.25,
                             normalize="l2", label_names=list("abcdef")).load()
     assert capped.tasks[0].sizes() == {"query": 2, "train": 6, "val": 2, "database": 10}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import main  # noqa: F401  (fills the registries)
+from common.register import DATASETS
 from common.code_store import CodeStore
 from runners import continual
 from runners.experiment import format_results, load_run, run_config
@@ -97,7 +98,7 @@ def test_stored_codes_are_written_once(trained, tmp_path, monkeypatch):
     first, final = snapshots[0], CodeStore.load(tmp_path / "again" / "codes.npz")
     for m in ("image", "text"):
         assert np.array_equal(final.get(0).codes(m).numpy(), first.get(0).codes(m).numpy())
-    stream = main.DATASETS.get("synthetic")(**{k: v for k, v in BASE["dataset"].items() if k != "name"}).load()
+    stream = DATASETS.get("synthetic")(**{k: v for k, v in BASE["dataset"].items() if k != "name"}).load()
     now = encode_codes(load_run(out).model, stream.tasks[0].database, 0)
     assert not torch.equal(now["image"], first.get(0).codes("image"))
     assert load_run(out, task=1).store.tasks() == [0]
@@ -111,7 +112,7 @@ def test_trained_beats_untrained_and_chance(trained, tmp_path):
         # forward transfer is exactly zero when nothing is trained
         assert untrained.figure(d, "fwt") == pytest.approx(0.0, abs=1e-9)
     # chance: the fraction of relevant database items for a random ranking
-    stream = main.DATASETS.get("synthetic")(**{k: v for k, v in BASE["dataset"].items() if k != "name"}).load()
+    stream = DATASETS.get("synthetic")(**{k: v for k, v in BASE["dataset"].items() if k != "name"}).load()
     last = stream.tasks[-1]
     density = float(((last.query.labels @ last.database.labels.t()) > 0).float().mean())
     assert res.map["i2t"][2][2] > density + 0.2
@@ -163,7 +164,7 @@ def test_joint_mode_reencodes_every_database(tmp_path, monkeypatch):
     res = run_config(cfg(mode="joint", epochs=4), tmp_path / "joint", quiet=True)
     assert res.mode == "joint" and res.untrained is None
     run = load_run(tmp_path / "joint")
-    stream = main.DATASETS.get("synthetic")(**{k: v for k, v in BASE["dataset"].items() if k != "name"}).load()
+    stream = DATASETS.get("synthetic")(**{k: v for k, v in BASE["dataset"].items() if k != "name"}).load()
     # the stored codes of task 1 are the final model's encoding of its database, not
     # the ones stored after the first step
     fresh = encode_codes(run.model, stream.tasks[0].database, 0)
@@ -175,7 +176,7 @@ def test_joint_mode_reencodes_every_database(tmp_path, monkeypatch):
 def test_loaded_model_reproduces_the_last_row(trained):
     out, res = trained
     run = load_run(out)
-    stream = main.DATASETS.get("synthetic")(**{k: v for k, v in BASE["dataset"].items() if k != "name"}).load()
+    stream = DATASETS.get("synthetic")(**{k: v for k, v in BASE["dataset"].items() if k != "name"}).load()
     for j in range(3):
         s = score_against_store(run.model, stream.tasks[j].query, j, run.store, [j])
         assert s["t2i"] == pytest.approx(res.map["t2i"][2][j], abs=1e-6)
