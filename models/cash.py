@@ -39,8 +39,15 @@ Deviations from the public code, each on purpose:
 - Biases of the branch and mask MLPs start at zero (weights keep PyTorch's default
   init), so an untrained code is a function of the input rather than of the biases.
 - Model selection happens on the task's validation split (runner), never on queries.
+- ``consistency_weight`` (0 = the public code, which has no such term): the saved
+  train rows of each earlier task (the heads' negatives) also keep the continuous
+  codes they had when their task ended, and later tasks pay
+  ``MSE(h_k(x), h_k^saved(x))`` for them, each under its own task's prompt and head.
+  This is the method's own promise (codes written to the database stay valid) made
+  a training signal on the few rows CASH already keeps; without it only a low
+  learning rate of later tasks limits the drift of the shared nets.
 
-Knobs the public code does not have, whose null default is the public behaviour:
+Knobs the public code does not have, whose null / zero default is the public behaviour:
 ``prompt_lr_scale`` (the newest prompt's rate; null = with the nets) and
 ``exclusion_scale`` (the ``K`` of the exclusion target ``K * S``; null = bits).
 """
@@ -118,6 +125,7 @@ class CASH(HashModel):
         task_weight: float = 1.0,
         distill_weight: float = 10.0,
         exclusion_weight: float = 1.0,
+        consistency_weight: float = 0.0,
         exclusion_scale: Optional[float] = None,
         temperature: float = 0.07,
         later_lr_scale: float = 0.1,
@@ -144,6 +152,7 @@ class CASH(HashModel):
         self.weights = {
             "quant": quant_weight, "fine": fine_weight, "coarse": coarse_weight,
             "task": task_weight, "distill": distill_weight, "exclusion": exclusion_weight,
+            "consistency": consistency_weight,
         }
         self.exclusion_scale = exclusion_scale
         self.temperature = float(temperature)
@@ -172,6 +181,10 @@ class CASH(HashModel):
         self.register_buffer("old_labels", torch.zeros(0, num_classes))
         self.register_buffer("neg_image", torch.zeros(0, image_dim))
         self.register_buffer("neg_text", torch.zeros(0, text_dim))
+        # The task of each saved row and the continuous codes it had when that task ended.
+        self.register_buffer("neg_tasks", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("neg_codes_image", torch.zeros(0, bits))
+        self.register_buffer("neg_codes_text", torch.zeros(0, bits))
         # Train-set code banks of the current task (rebuilt by begin_task, not saved).
         for name in BANKS:
             self.register_buffer(f"bank_{name}", torch.zeros(0, bits), persistent=False)
@@ -256,11 +269,32 @@ class CASH(HashModel):
         else:
             logits = torch.cat([head(x) for head in self.task_heads], dim=1)
             chosen = infer_task(logits, self.task_inference)
-            gate = torch.sigmoid(logits.gather(1, chosen[:, None]))
-            a = self.attention(x, torch.stack(list(bank.prompts)), chosen)
+            gate, a = self._read_tasks(x, bank, chosen, logits)
+        return self._hash(image, x, gate, a)
+
+    def _read_tasks(self, x: torch.Tensor, bank: PromptBank, chosen: torch.Tensor,
+                    logits: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Gate and attention output of each row under its own task ``chosen[i]``."""
+        if logits is None:
+            logits = torch.cat([head(x) for head in self.task_heads], dim=1)
+        gate = torch.sigmoid(logits.gather(1, chosen[:, None]))
+        return gate, self.attention(x, torch.stack(list(bank.prompts)), chosen)
+
+    def _hash(self, image: bool, x: torch.Tensor, gate: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Eval-form code of one modality: ``z = x + g a`` through both branches, the
+        sample's own attention output driving its mask."""
         z = x + gate * a
         fine, coarse = (self.image_fine, self.image_coarse) if image else (self.text_fine, self.text_coarse)
         return select_bits(fine(z), coarse(z), torch.tanh(self.mask_net(a)))
+
+    def _saved_row_codes(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Current eval-form codes of the saved rows of earlier tasks, each under its own task."""
+        out = []
+        for image, raw in ((True, self.neg_image), (False, self.neg_text)):
+            x = (self.image_in if image else self.text_in)(raw)
+            gate, a = self._read_tasks(x, self._banks()[0 if image else 1], self.neg_tasks)
+            out.append(self._hash(image, x, gate, a))
+        return out[0], out[1]
 
     def encode_image(self, image, task_index=None, layers=None):
         return self._encode("image", image, task_index)
@@ -327,8 +361,12 @@ class CASH(HashModel):
             n = min(self.head_negatives, len(train))
             if n > 0:
                 rows = torch.linspace(0, len(train) - 1, n, device=train.image.device).round().long()
-                self.neg_image = torch.cat([self.neg_image, train.image[rows].float().to(device)])
-                self.neg_text = torch.cat([self.neg_text, train.text[rows].float().to(device)])
+                image, text = train.image[rows].float().to(device), train.text[rows].float().to(device)
+                self.neg_image = torch.cat([self.neg_image, image])
+                self.neg_text = torch.cat([self.neg_text, text])
+                self.neg_tasks = torch.cat([self.neg_tasks, torch.full((n,), task_index, dtype=torch.long, device=device)])
+                self.neg_codes_image = torch.cat([self.neg_codes_image, self._encode("image", image, task_index)])
+                self.neg_codes_text = torch.cat([self.neg_codes_text, self._encode("text", text, task_index)])
         for name in BANKS:
             setattr(self, f"bank_{name}", torch.zeros(0, self.bits, device=self._device()))
         self.bank_labels = torch.zeros(0, self.num_classes, device=self._device())
@@ -375,6 +413,9 @@ class CASH(HashModel):
                 L.inner_product_mse(hv, self.old_image_codes, target)
                 + L.inner_product_mse(ht, self.old_text_codes, target)
             )
+        if self.weights["consistency"] and self.neg_tasks.shape[0]:
+            now_v, now_t = self._saved_row_codes()
+            parts["consistency"] = F.mse_loss(now_v, self.neg_codes_image) + F.mse_loss(now_t, self.neg_codes_text)
         weighted = {k: self.weights[k] * v for k, v in parts.items()}
         weighted["loss"] = sum(weighted.values())
         return weighted
@@ -438,3 +479,6 @@ class CASH(HashModel):
         self.old_labels = torch.zeros(n_old, self.num_classes, device=device)
         self.neg_image = torch.zeros(n_neg, self.image_dim, device=device)
         self.neg_text = torch.zeros(n_neg, self.text_dim, device=device)
+        self.neg_tasks = torch.zeros(n_neg, dtype=torch.long, device=device)
+        self.neg_codes_image = torch.zeros(n_neg, self.bits, device=device)
+        self.neg_codes_text = torch.zeros(n_neg, self.bits, device=device)

@@ -175,3 +175,26 @@ def test_positives_only_heads_use_the_public_gate_loss(stream):
         expected = (1 - torch.sigmoid(model.task_heads[0](x))).mean()
     assert float(parts["task"]) == pytest.approx(float(expected) * model.weights["task"], rel=1e-6)
     assert float(L.gate_loss(torch.tensor([0.0, 0.0]))) == 0.5
+
+
+def test_consistency_term_keeps_saved_rows_codes(stream):
+    """Saved rows keep the codes they had when their task ended (checked exactly right
+    after the task); with the consistency term a later task moves them less."""
+    drift = {}
+    for weight in (0.0, 10.0):
+        torch.manual_seed(0)
+        model = build(consistency_weight=weight, head_negatives=16)
+        store = CodeStore()
+        train_task(model, stream.tasks[0], 0, steps=20, lr=1e-2)
+        finish_task(model, stream.tasks[0], 0, store)
+        with torch.no_grad():
+            now_v, now_t = model._saved_row_codes()
+            assert model.neg_tasks.tolist() == [0] * 16
+            assert torch.allclose(now_v, model.neg_codes_image, atol=1e-6)
+            assert torch.allclose(model.neg_codes_text, model.encode_text(model.neg_text, 0), atol=1e-6)
+        history = train_task(model, stream.tasks[1], 1, steps=30, lr=1e-2)
+        assert ("consistency" in history[0]) == (weight > 0)
+        with torch.no_grad():
+            now_v, now_t = model._saved_row_codes()
+        drift[weight] = float((now_v - model.neg_codes_image).abs().mean() + (now_t - model.neg_codes_text).abs().mean())
+    assert drift[10.0] < 0.6 * drift[0.0]
