@@ -43,6 +43,9 @@ Deviations from the public code, each on purpose:
   train rows of each earlier task (the heads' negatives) also keep the continuous
   codes they had when their task ended, and later tasks pay
   ``MSE(h_k(x), h_k^saved(x))`` for them, each under its own task's prompt and head.
+  Each step replays as many saved rows as the batch has, row ``i mod N`` for every
+  train position ``i`` of the batch: the choice follows the runner's seeded shuffle
+  and needs no state of its own (resuming replays the same rows).
   This is the method's own promise (codes written to the database stay valid) made
   a training signal on the few rows CASH already keeps; without it only a low
   learning rate of later tasks limits the drift of the shared nets.
@@ -287,12 +290,14 @@ class CASH(HashModel):
         fine, coarse = (self.image_fine, self.image_coarse) if image else (self.text_fine, self.text_coarse)
         return select_bits(fine(z), coarse(z), torch.tanh(self.mask_net(a)))
 
-    def _saved_row_codes(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Current eval-form codes of the saved rows of earlier tasks, each under its own task."""
+    def _saved_row_codes(self, rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Current eval-form codes of saved rows of earlier tasks (all, or ``rows``), each
+        under its own task."""
+        rows = torch.arange(self.neg_tasks.shape[0], device=self.neg_tasks.device) if rows is None else rows
         out = []
         for image, raw in ((True, self.neg_image), (False, self.neg_text)):
-            x = (self.image_in if image else self.text_in)(raw)
-            gate, a = self._read_tasks(x, self._banks()[0 if image else 1], self.neg_tasks)
+            x = (self.image_in if image else self.text_in)(raw[rows])
+            gate, a = self._read_tasks(x, self._banks()[0 if image else 1], self.neg_tasks[rows])
             out.append(self._hash(image, x, gate, a))
         return out[0], out[1]
 
@@ -414,8 +419,10 @@ class CASH(HashModel):
                 + L.inner_product_mse(ht, self.old_text_codes, target)
             )
         if self.weights["consistency"] and self.neg_tasks.shape[0]:
-            now_v, now_t = self._saved_row_codes()
-            parts["consistency"] = F.mse_loss(now_v, self.neg_codes_image) + F.mse_loss(now_t, self.neg_codes_text)
+            rows = idx.to(self.neg_tasks.device) % self.neg_tasks.shape[0]
+            now_v, now_t = self._saved_row_codes(rows)
+            parts["consistency"] = (F.mse_loss(now_v, self.neg_codes_image[rows])
+                                    + F.mse_loss(now_t, self.neg_codes_text[rows]))
         weighted = {k: self.weights[k] * v for k, v in parts.items()}
         weighted["loss"] = sum(weighted.values())
         return weighted
