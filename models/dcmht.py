@@ -24,7 +24,7 @@ Deviations from the public code, on purpose:
   diagonal of the intra-modal terms has a finite gradient.
 - ``D^2`` comes from the Gram expansion in float64 (``squared_distances``), not from
   the (B, B, 2K) difference tensor: the same values up to float32 rounding, several
-  times faster on CPU (a seeded run's figures move in their last digits).
+  times faster on CPU (a seeded run's figures can move in their last digits).
 """
 from __future__ import annotations
 

@@ -58,8 +58,8 @@ Deviations from the public code, on purpose:
 
 The inter- and intra-modal terms are computed together per modality
 (``buffer_likelihoods``: one matmul against both buffers, the ``S theta`` part through
-``S X``): the published sums in another float order, several times faster (a seeded
-run's figures move in their last digits).
+``S X``): the published sums in another float order, about twice as fast on CPU (a
+seeded run's figures can move in their last digits).
 """
 from __future__ import annotations
 

@@ -99,6 +99,7 @@ class SelectiveScanBlock(nn.Module):
         self.d_inner = d_inner
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.in_proj = nn.Linear(d_model, 2 * d_inner)
+        # the conv's parameters; forward applies them with causal_depthwise_conv
         self.conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
         self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, d_inner)
