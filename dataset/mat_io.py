@@ -4,7 +4,9 @@ MATLAB v7.3 files are HDF5: h5py reads them, and because MATLAB stores arrays
 column-major, an N x D MATLAB matrix appears as D x N; we swap the axes back (all
 axes reversed, which for 2-D is the transpose). Older files (v4 - v7) go through
 ``scipy.io.loadmat``, which already returns the MATLAB shape (no transpose).
-Sparse matrices are densified in both kinds.
+Sparse matrices are densified in both kinds. ``write_mat_array`` writes the v7.3 kind
+(what the CASH / PBEH authors ship), so a generated stream can be handed to code that
+reads only such files.
 """
 from __future__ import annotations
 
@@ -76,6 +78,24 @@ def _read_hdf5(path: Path, key: str) -> np.ndarray:
     arr = np.asarray(arr)
     # MATLAB writes column-major: reverse the axes to get its (N, D) orientation back.
     return np.ascontiguousarray(arr.transpose()) if arr.ndim >= 2 else arr
+
+
+def write_mat_array(path: PathLike, key: str, arr: np.ndarray) -> None:
+    """Write the 2-D numeric ``arr`` (N x D) under ``key`` as a MATLAB v7.3 file: HDF5
+    with MATLAB's 512-byte text header and the array stored column-major (D x N on disk),
+    which both ``read_mat_array`` and h5py-based loaders that transpose read back as N x D."""
+    arr = np.asarray(arr)
+    if arr.ndim != 2 or arr.dtype.kind not in "biuf":
+        raise ValueError(f"{key}: expected a 2-D numeric matrix, got shape {arr.shape} of {arr.dtype}")
+    path = Path(path)
+    with h5py.File(path, "w", userblock_size=512) as fh:
+        node = fh.create_dataset(key, data=np.ascontiguousarray(arr.transpose()))
+        # MATLAB's class names are numpy's for integers; floats are single / double.
+        matlab_class = {"float32": "single", "float64": "double", "bool": "logical"}.get(arr.dtype.name, arr.dtype.name)
+        node.attrs["MATLAB_class"] = np.bytes_(matlab_class)
+    header = b"MATLAB 7.3 MAT-file, written by ccmh, HDF5 schema 1.00 ."
+    with open(path, "r+b") as fh:
+        fh.write(header.ljust(116))
 
 
 def _hdf5_sparse(group: h5py.Group) -> np.ndarray:

@@ -20,7 +20,7 @@ import torch
 
 from common.register import DATASETS
 from dataset.feature_set import FeatureSet, Task, TaskStream
-from dataset.mat_io import mat_format, read_mat_array
+from dataset.mat_io import mat_format, read_mat_array, write_mat_array
 from dataset.splits import check_positive, carve_val, resolve_val, subsample, task_classes_from_labels
 from utils.errors import DataError
 
@@ -53,6 +53,27 @@ def key_name(scheme: str, split: str, t: int, kind: str) -> str:
 
 def task_files(scheme: str, t: int) -> List[str]:
     return [file_name(scheme, s, t, k) for s in SPLITS for k in KINDS]
+
+
+def write_task_mat(stream: TaskStream, root: str | Path, scheme: Literal["coco", "nuswide"] = "coco") -> List[Path]:
+    """Write ``stream`` as the nine v7.3 files per task that ``task_mat`` (and the CASH /
+    PBEH authors' loaders) read; returns the paths written. A task's train and val rows
+    go together into its train file, as in the published files (a reader carves its own
+    val split); query goes to ``test``."""
+    if scheme not in PATTERNS:
+        raise ValueError(f"scheme: expected 'coco' or 'nuswide', got {scheme!r}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    written = []
+    for t, task in enumerate(stream.tasks):
+        parts = {"train": FeatureSet.concat([task.train, task.val]) if len(task.val) else task.train,
+                 "test": task.query, "database": task.database}
+        for split, fs in parts.items():
+            for kind, values in (("image", fs.image), ("text", fs.text), ("label", fs.labels)):
+                path = root / file_name(scheme, split, t, kind)
+                write_mat_array(path, key_name(scheme, split, t, kind), values.cpu().numpy())
+                written.append(path)
+    return written
 
 
 @DATASETS.register("task_mat")

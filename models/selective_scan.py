@@ -29,10 +29,12 @@ def selective_scan_sequential(
     b, L, d = x.shape
     h = x.new_zeros(b, d, A.shape[1])
     ys = []
-    for t in range(L):
-        decay = torch.exp(dt[:, t, :, None] * A)                       # (b, d, n)
-        h = decay * h + (dt[:, t, :, None] * x[:, t, :, None]) * B[:, t, None, :]
-        ys.append((h * C[:, t, None, :]).sum(-1))
+    # unbind, not x[:, t]: its backward stacks the L token gradients once, where each
+    # indexing would scatter into a zero tensor of the full shape (same values)
+    for dt_t, x_t, B_t, C_t in zip(dt.unbind(1), x.unbind(1), B.unbind(1), C.unbind(1)):
+        decay = torch.exp(dt_t[:, :, None] * A)                        # (b, d, n)
+        h = decay * h + (dt_t[:, :, None] * x_t[:, :, None]) * B_t[:, None, :]
+        ys.append((h * C_t[:, None, :]).sum(-1))
     return torch.stack(ys, dim=1) + x * D
 
 
@@ -52,6 +54,23 @@ def selective_scan_parallel(
         a = torch.cat([a[:, :offset], a[:, offset:] * a[:, :-offset]], dim=1)
         offset *= 2
     return (h * C.unsqueeze(2)).sum(-1) + x * D
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Causal depthwise convolution along the tokens of ``x`` (b, L, d) with the
+    ``Conv1d(d, d, k, groups=d, padding=k - 1)`` parameters ``weight`` (d, 1, k) and
+    ``bias`` (d,): ``y_t = bias + sum_j w_j x_{t - k + 1 + j}`` (zeros before the first
+    token), i.e. the convolution with its right padding dropped. Written as k shifted,
+    per-channel scaled copies in the (b, L, d) layout: the convolution's values up to
+    float rounding, without the two transposes and the much slower depthwise
+    convolution backward of the CPU kernels."""
+    k, L = weight.shape[-1], x.shape[1]
+    w = weight[:, 0, :]                                                # (d, k)
+    padded = F.pad(x, (0, 0, k - 1, 0))                                # (b, L + k - 1, d)
+    y = bias + padded[:, :L] * w[:, 0]
+    for j in range(1, k):
+        y = y + padded[:, j:j + L] * w[:, j]
+    return y
 
 
 class SelectiveScanBlock(nn.Module):
@@ -80,6 +99,7 @@ class SelectiveScanBlock(nn.Module):
         self.d_inner = d_inner
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.in_proj = nn.Linear(d_model, 2 * d_inner)
+        # the conv's parameters; forward applies them with causal_depthwise_conv
         self.conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
         self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, d_inner)
@@ -95,8 +115,7 @@ class SelectiveScanBlock(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         L = tokens.shape[1]
         x, z = self.in_proj(tokens).chunk(2, dim=-1)                     # (b, L, d_inner) each
-        x = self.conv(x.transpose(1, 2))[..., :L].transpose(1, 2)        # causal: drop the right padding
-        x = F.silu(x)
+        x = F.silu(causal_depthwise_conv(x, self.conv.weight, self.conv.bias))
         dt, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt))
         A = -torch.exp(self.A_log)

@@ -18,9 +18,12 @@ through the same code path as ``train`` and writes, in ``D``:
   bit-scalable figures; PNGs an earlier comparison in ``D`` drew and this one does not
   are removed.
 
-Runs are independent processes' worth of state: each starts from the same threads and
-RNGs, so a config gives the same numbers alone, in any order, and with ``--jobs N``
-(N worker processes, each with the thread count a lone run would use).
+Runs are independent processes' worth of state: each starts from the same RNGs, so a
+config gives the same numbers alone and in any order. With ``--jobs N`` the N worker
+processes share the cores: each gets ``max(1, T // N)`` of the parent's T torch threads
+(``worker_threads``) unless its config sets ``runner.num_threads``. A config that sets
+``runner.num_threads`` therefore gives the same numbers with any ``--jobs``; one that
+does not may differ in float rounding, since its thread count differs.
 
 ``--reuse`` keeps a run whose ``results.json`` says finished and whose stored config
 equals the requested one (display-only keys aside); an unfinished run with the same
@@ -142,7 +145,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run every config once per seed (runner.seed=S) and report mean +/- std; "
                              "default: each config's own runner.seed")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                        help="runs at once, in N worker processes (default 1); numbers equal those of --jobs 1")
+                        help="runs at once, in N worker processes (default 1), each with 1/N of the torch threads "
+                             "unless its config sets runner.num_threads (then its numbers equal those of --jobs 1)")
     parser.add_argument("--reference", metavar="CONFIG",
                         help="the config the others are compared with, pair by pair over the seeds "
                              "(a config file given to --config-file or its method label; default: the first)")
@@ -220,19 +224,29 @@ def execute(planned: Sequence[PlannedRun], jobs: int = 1, quiet: bool = False) -
         import torch
 
         context = multiprocessing.get_context("spawn")   # a clean interpreter per worker, on every platform
-        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=context) as pool:
+        workers = min(jobs, len(todo))
+        threads = worker_threads(torch.get_num_threads(), workers)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             futures = {i: pool.submit(_run_in_worker, planned[i].config, str(planned[i].run_dir),
-                                      planned[i].action, torch.get_num_threads()) for i in todo}
+                                      planned[i].action, threads) for i in todo}
             for i, future in futures.items():
                 results[i] = RunResults.from_dict(future.result())
     return [ComparedRun("", p.slug, p.config_file, p.run_dir, results[i], p.action == "reuse", p.seed)
             for i, p in enumerate(planned)]
 
 
+def worker_threads(parent_threads: int, workers: int) -> int:
+    """Torch threads of each of ``workers`` parallel runs: the parent's share,
+    ``max(1, parent_threads // workers)``, so that together they do not oversubscribe
+    the cores (a run whose config sets ``runner.num_threads`` uses that instead)."""
+    return max(1, int(parent_threads) // max(1, int(workers)))
+
+
 def _run_in_worker(config: Dict[str, Any], run_dir: str, action: str, threads: int) -> Dict[str, Any]:
-    """One run in a worker process, with the parent's thread count (so its numbers equal
-    a serial run's); returns the results as plain data. The config was validated by the
-    parent; a fresh interpreter prepares its own objects from it."""
+    """One run in a worker process with ``threads`` torch threads (the runner applies
+    ``runner.num_threads`` over it when the config sets one); returns the results as
+    plain data. The config was validated by the parent; a fresh interpreter prepares its
+    own objects from it."""
     import torch
 
     import dataset  # noqa: F401  (fills the registries in the fresh interpreter)

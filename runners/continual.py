@@ -359,12 +359,13 @@ class ContinualRunner:
 
     @staticmethod
     def batch(fs: FeatureSet, idx: torch.Tensor) -> Batch:
-        """The rows ``idx`` of a feature set as a training batch."""
-        return Batch(
-            image=fs.image[idx], text=fs.text[idx], labels=fs.labels[idx], index=idx,
-            image_layers=None if fs.image_layers is None else fs.image_layers[idx],
-            text_layers=None if fs.text_layers is None else fs.text_layers[idx],
-        )
+        """The rows ``idx`` of a feature set as a training batch (``index_select``: the
+        same rows as ``fs.image[idx]``, several times cheaper per step on CPU)."""
+        def rows(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if x is None else x.index_select(0, idx)
+
+        return Batch(image=rows(fs.image), text=rows(fs.text), labels=rows(fs.labels), index=idx,
+                     image_layers=rows(fs.image_layers), text_layers=rows(fs.text_layers))
 
     def _check_finite(self, record: Dict[str, float], t: int, epoch: int, output: RunOutput) -> None:
         bad = [k for k, v in record.items() if not math.isfinite(v)]

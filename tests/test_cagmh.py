@@ -4,7 +4,9 @@ import torch
 
 from common.register import MODELS
 from models.cagmh import CAGMH, covariance_guidance, hadamard_centres
-from models.selective_scan import SelectiveScanBlock, selective_scan_parallel, selective_scan_sequential
+from models.selective_scan import (
+    SelectiveScanBlock, causal_depthwise_conv, selective_scan_parallel, selective_scan_sequential,
+)
 from hash_model_checks import (
     assert_every_parameter_gets_gradient, assert_finite_loss, batch_of, retrieval_map, structured_task, train,
 )
@@ -29,6 +31,20 @@ def test_parallel_scan_equals_sequential(L):
     for t in range(L):
         h = torch.exp(dt[0, t, :, None] * A) * h + dt[0, t, :, None] * x[0, t, :, None] * B[0, t]
     torch.testing.assert_close(seq[0, -1], (h * C[0, -1]).sum(-1) + D * x[0, -1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("L,k", [(1, 4), (3, 4), (8, 4), (5, 2)])
+def test_causal_depthwise_conv_equals_the_conv1d_form(L, k):
+    torch.manual_seed(L)
+    d = 6
+    conv = torch.nn.Conv1d(d, d, k, groups=d, padding=k - 1)
+    x = torch.randn(3, L, d, requires_grad=True)
+    ref = conv(x.transpose(1, 2))[..., :L].transpose(1, 2)
+    out = causal_depthwise_conv(x, conv.weight, conv.bias)
+    torch.testing.assert_close(out, ref)
+    grads = [torch.autograd.grad(y.pow(2).sum(), (x, conv.weight, conv.bias)) for y in (out, ref)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_scan_block_is_causal_and_per_sample():

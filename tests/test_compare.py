@@ -237,21 +237,22 @@ def test_bad_seed_and_reference_arguments(tmp_path, no_training, capsys):
 
 
 def test_parallel_jobs_give_the_serial_numbers_in_any_order(tmp_path):
-    """Real (tiny) runs: --jobs 2 equals --jobs 1, and the config order changes nothing."""
+    """Real (tiny) runs of configs that set runner.num_threads: --jobs 2 equals --jobs 1,
+    and the config order changes nothing."""
     from conftest import tiny_config
     from runners.config import dump_config
 
     files = []
     for name in ("DSPH", "DCMHT"):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(dump_config(tiny_config(name, epochs=1)))
+        path.write_text(dump_config(tiny_config(name, epochs=1, num_threads=1)))
         files.append(str(path))
     maps = {}
     for tag, order, jobs in (("serial", files, 1), ("parallel", files[::-1], 2)):
         args = args_for(order, tmp_path / tag, reuse=False)
         args.jobs, args.seeds = jobs, [1, 2]
         assert run_compare(args) == 0
-        for run in csv.DictReader((tmp_path / tag / "runs.csv").open()):
+        for run in csv.DictReader((tmp_path / tag / "runs.csv").read_text().splitlines()):
             maps[(tag, run["method"], run["seed"])] = json.loads(
                 (Path(run["run_dir"]) / "results.json").read_text())["map"]
     for (tag, method, seed), m in maps.items():
@@ -333,3 +334,33 @@ def test_plots_label_tasks_by_their_categories():
     assert compare_plots.task_label(r, 0) == "task 1\nperson, bicycle,\ncar +13"
     assert compare_plots.task_label(r, 1) == "task 2" and compare_plots.task_label(r, 2) == "task 3"
     assert compare_plots.task_label(RunResults(tasks=1), 0) == "task 1"
+
+
+def test_parallel_workers_share_the_threads_unless_the_config_sets_them(tmp_path):
+    """--jobs N gives each worker max(1, T // N) of the parent's T threads; a config's
+    runner.num_threads wins over that share."""
+    import torch
+
+    from conftest import tiny_config
+    from runners.compare import worker_threads
+    from runners.config import dump_config
+
+    assert [worker_threads(8, n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    assert worker_threads(1, 4) == 1
+    files = []
+    for tag, extra in (("shared", {}), ("fixed", {"num_threads": 3})):
+        path = tmp_path / f"{tag}.yaml"
+        path.write_text(dump_config(tiny_config("DSPH", epochs=1, **extra)))
+        files.append(str(path))
+    args = args_for(files, tmp_path / "cmp", reuse=False)
+    args.jobs = 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert run_compare(args) == 0
+    finally:
+        torch.set_num_threads(before)
+    used = {Path(run["config"]).stem: json.loads((Path(run["run_dir"]) / "results.json").read_text())
+            ["environment"]["torch_threads"]
+            for run in csv.DictReader((tmp_path / "cmp" / "runs.csv").read_text().splitlines())}
+    assert used == {"shared": 2, "fixed": 3}

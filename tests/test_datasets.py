@@ -18,11 +18,11 @@ import torch
 import dataset  # noqa: F401  (fills DATASETS)
 from common.register import DATASETS
 from dataset.demo import DEMO_FILE, DemoDigits
-from dataset.feature_set import TaskStream
-from dataset.mat_io import mat_format, read_mat_array
+from dataset.feature_set import FeatureSet, TaskStream
+from dataset.mat_io import mat_format, read_mat_array, write_mat_array
 from dataset.splits import task_classes_from_labels
 from dataset.synthetic import PRESETS, SyntheticDataset, synthetic_like
-from dataset.task_mat import TaskMatDataset, file_name, key_name
+from dataset.task_mat import TaskMatDataset, file_name, key_name, write_task_mat
 from utils.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,6 +119,36 @@ def test_sparse_matrices_are_densified(tmp_path):
         g.attrs["MATLAB_sparse"] = np.uint64(dense.shape[0])
         g["data"], g["ir"], g["jc"] = csc.data, csc.indices.astype(np.uint64), csc.indptr.astype(np.uint64)
     np.testing.assert_array_equal(read_mat_array(tmp_path / "s73.mat", "lab"), dense)
+
+
+def test_written_v73_files_read_back_and_load_as_matlab_does(tmp_path):
+    arr = np.arange(12, dtype=np.float32).reshape(4, 3)
+    write_mat_array(tmp_path / "w.mat", "x", arr)
+    assert mat_format(tmp_path / "w.mat") == "v7.3"
+    assert (tmp_path / "w.mat").read_bytes().startswith(b"MATLAB 7.3 MAT-file")
+    with h5py.File(tmp_path / "w.mat", "r") as fh:  # what an h5py loader that transposes sees
+        assert fh["x"].shape == (3, 4) and fh["x"].attrs["MATLAB_class"] == b"single"
+        np.testing.assert_array_equal(np.swapaxes(fh["x"][()], 0, 1), arr)
+    np.testing.assert_array_equal(read_mat_array(tmp_path / "w.mat", "x"), arr)
+    with pytest.raises(ValueError, match="2-D numeric"):
+        write_mat_array(tmp_path / "bad.mat", "x", np.zeros(3))
+
+
+def test_write_task_mat_round_trips_a_stream(tmp_path):
+    stream = SyntheticDataset(num_classes=6, num_tasks=2, query_size=5, train_size=12, database_size=20,
+                              image_dim=8, text_dim=4, seed=3, val_size=2).load()
+    written = write_task_mat(stream, tmp_path / "files", scheme="coco")
+    assert len(written) == 18 and all(p.is_file() for p in written)
+    back = TaskMatDataset(root=str(tmp_path / "files"), val_size=0).load()
+    assert len(back) == 2
+    for orig, read in zip(stream.tasks, back.tasks):
+        train = FeatureSet.concat([orig.train, orig.val])   # train and val share the train file
+        np.testing.assert_array_equal(read.train.image.numpy(), train.image.numpy())
+        np.testing.assert_array_equal(read.train.labels.numpy(), train.labels.numpy())
+        np.testing.assert_array_equal(read.query.text.numpy(), orig.query.text.numpy())
+        np.testing.assert_array_equal(read.database.image.numpy(), orig.database.image.numpy())
+    with pytest.raises(ValueError, match="scheme"):
+        write_task_mat(stream, tmp_path / "other", scheme="flickr")
 
 
 # ---------------------------------------------------------------------- task_mat

@@ -6,7 +6,7 @@ import torch
 
 from common.register import MODELS
 from models.base import Batch
-from models.dcmht import DCMHT, margin_distance_loss
+from models.dcmht import DCMHT, margin_distance_loss, squared_distances
 from hash_model_checks import (
     assert_finite_loss, batch_of, retrieval_map, structured_task, train,
 )
@@ -53,6 +53,22 @@ def test_margin_loss_matches_a_loop():
     assert abs(float(out["pos"]) - float(pos)) < 1e-5
     assert abs(float(out["neg"]) - float(neg)) < 1e-5
     assert math.isclose(make(bits=16, theta=0.75).margin, math.sqrt(24))
+
+
+def test_squared_distances_equal_the_direct_difference():
+    g = torch.Generator().manual_seed(0)
+    a = torch.softmax(torch.randn(9, 16, 2, generator=g), -1).flatten(1).requires_grad_()
+    b = torch.softmax(torch.randn(7, 16, 2, generator=g), -1).flatten(1).requires_grad_()
+    direct = (a.unsqueeze(1) - b.unsqueeze(0)).pow(2).sum(-1)
+    fast = squared_distances(a, b)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, direct, rtol=1e-6, atol=1e-6)
+    ga, gb = torch.autograd.grad(direct.sum(), (a, b))
+    fa, fb = torch.autograd.grad(fast.sum(), (a, b))
+    torch.testing.assert_close(fa, ga, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fb, gb, rtol=1e-5, atol=1e-6)
+    self_d = squared_distances(a, a).diagonal().detach()
+    assert (self_d >= 0).all() and float(self_d.max()) < 1e-12   # below the loss's sqrt clamp
 
 
 def test_loss_parts_finite_and_self_pairs_have_finite_gradient():

@@ -265,7 +265,7 @@ def test_results_record_where_they_came_from(trained):
     out, res = trained
     env = json.loads((out / "results.json").read_text())["environment"]
     assert env["torch"] == torch.__version__ and env["numpy"] == np.__version__
-    assert env["device"] == "cpu" and env["python"]
+    assert env["device"] == "cpu" and env["python"] and env["torch_threads"] >= 1
     assert (env["git_commit"] is None) == (env["git_dirty"] is None)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from common.register import MODELS
-from models.scahn import SCAHN, likelihood_loss
+from models.scahn import SCAHN, buffer_likelihoods, likelihood_loss
 from hash_model_checks import (
     assert_batch_independent, assert_every_parameter_gets_gradient, assert_finite_loss, batch_of, codes, retrieval_map, structured_task, train,
 )
@@ -19,6 +19,19 @@ def test_likelihood_loss_matches_formula():
     theta, sim = torch.randn(4, 6) * 3, (torch.rand(4, 6) > 0.5).float()
     ref = -(sim * theta - torch.log1p(torch.exp(theta))).mean()
     torch.testing.assert_close(likelihood_loss(theta, sim), ref)
+
+
+def test_buffer_likelihoods_equal_the_per_output_sums():
+    g = torch.Generator().manual_seed(0)
+    h = torch.tanh(torch.randn(3, 5, 8, generator=g)).requires_grad_()
+    Fb, Gb = torch.tanh(torch.randn(11, 8, generator=g)), torch.tanh(torch.randn(11, 8, generator=g))
+    sim, alpha = (torch.rand(5, 11, generator=g) > 0.6).float(), 0.25
+    ref = torch.stack([sum(likelihood_loss(h[r] @ X.t() / alpha, sim) for r in range(3)) for X in (Fb, Gb)])
+    out = buffer_likelihoods(h, [Fb, Gb], sim, alpha)
+    torch.testing.assert_close(out, ref)
+    weights = torch.tensor([0.3, 1.7])
+    torch.testing.assert_close(torch.autograd.grad((out * weights).sum(), h)[0],
+                               torch.autograd.grad((ref * weights).sum(), h)[0])
 
 
 def test_stages_built_in_begin_task_and_buffers_sized_from_train():

@@ -1,6 +1,6 @@
 """What makes a result citable: the library version, its git commit (and whether the tree
-had uncommitted changes), the versions of torch / numpy / CUDA, the device and the
-command line, recorded once per run in results.json."""
+had uncommitted changes), the versions of torch / numpy / CUDA, the device, the torch
+thread count and the command line, recorded once per run in results.json."""
 from __future__ import annotations
 
 import platform
@@ -45,5 +45,6 @@ def environment(device: Any) -> Dict[str, Any]:
         "numpy": str(numpy.__version__),
         "cuda": str(torch.version.cuda) if torch.cuda.is_available() else None,
         "device": str(device),
+        "torch_threads": torch.get_num_threads(),
         "command": " ".join(sys.argv),
     }
