@@ -93,8 +93,7 @@ class PromptCrossAttention(nn.Module):
         attn = self.attn
         B, D = x.shape
         H = attn.num_heads
-        pooled = index is not None and index.dim() == 2
-        if pooled:
+        if index is not None and index.dim() == 2:
             if tokens.dim() != 2 or index.shape[0] != B:
                 raise ValueError(f"index {tuple(index.shape)} needs a token pool (N, D) and one row per sample ({B})")
         elif index is not None:
@@ -106,12 +105,10 @@ class PromptCrossAttention(nn.Module):
         b_q, b_kv = attn.in_proj_bias.split([D, 2 * D])
         q = F.linear(x, w_q, b_q).view(B, H, 1, D // H)
         k, v = F.linear(tokens, w_kv, b_kv).chunk(2, dim=-1)          # (..., L, D) each, once per token
-        if pooled:
-            k, v = k[index], v[index]                                  # (B, k, D): the rows each sample reads
+        if index is not None:
+            k, v = k[index], v[index]       # (B, L, D): each sample's stack, or the pool rows it reads
         elif tokens.dim() == 2:
             k, v = k.unsqueeze(0), v.unsqueeze(0)
-        elif index is not None:
-            k, v = k[index], v[index]
         L = k.shape[-2]
         k = k.view(k.shape[0], L, H, D // H).transpose(1, 2).expand(B, -1, -1, -1)
         v = v.view(v.shape[0], L, H, D // H).transpose(1, 2).expand(B, -1, -1, -1)

@@ -62,6 +62,7 @@ def task_inference_accuracy(
     was_training = model.training
     model.eval()
     out: Dict[str, float] = {}
+    truth = true_tasks.cpu()
     try:
         for modality in ("image", "text"):
             data = features.image if modality == "image" else features.text
@@ -70,7 +71,7 @@ def task_inference_accuracy(
                 guess = model.infer_tasks(data[start:start + batch_size], modality)
                 if guess is None:
                     return None
-                hits += int((guess.cpu() == true_tasks[start:start + batch_size].cpu()).sum())
+                hits += int((guess.cpu() == truth[start:start + batch_size]).sum())
             out[modality] = hits / max(1, len(features))
     finally:
         model.train(was_training)

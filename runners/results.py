@@ -20,6 +20,13 @@ DIRECTIONS = ("i2t", "t2i")
 Matrix = List[List[Optional[float]]]
 
 
+def _after_task(column: Optional[List[float]], t: Optional[int]) -> Optional[float]:
+    """Entry t of a per-task column (default: the last one), or None when absent."""
+    column = column or []
+    t = len(column) - 1 if t is None else t
+    return float(column[t]) if 0 <= t < len(column) else None
+
+
 def empty_matrix(n: int) -> Matrix:
     return [[None] * n for _ in range(n)]
 
@@ -108,16 +115,12 @@ class RunResults:
 
     def agnostic(self, direction: str, t: Optional[int] = None) -> Optional[float]:
         """Task-agnostic mAP after task t (default: the last finished one)."""
-        col = self.task_agnostic.get(direction) or []
-        t = len(col) - 1 if t is None else t
-        return float(col[t]) if 0 <= t < len(col) else None
+        return _after_task(self.task_agnostic.get(direction), t)
 
     def inferred(self, modality: str, t: Optional[int] = None) -> Optional[float]:
         """Task-inference accuracy of ``modality`` queries after task t (default: the
         last finished one), or None for a model that does not infer tasks."""
-        col = (self.task_inference or {}).get(modality) or []
-        t = len(col) - 1 if t is None else t
-        return float(col[t]) if 0 <= t < len(col) else None
+        return _after_task((self.task_inference or {}).get(modality), t)
 
     def figure(self, direction: str, key: str) -> Optional[float]:
         """A continual summary figure (acc, bwt, forgetting, fwt, avg_incremental) or None."""
