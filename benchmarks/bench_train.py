@@ -113,12 +113,14 @@ def method_config(root: Path, method: str, quick: bool) -> Dict[str, Any]:
     return cfg
 
 
-def matmul_gflops(n: int, device, seconds: float = 1.0) -> Dict[str, float]:
-    """Best rate of ``n x n @ n x n`` fp32 matmuls over about ``seconds``, per second of
-    wall time and per second of this process's CPU time (robust on a shared machine)."""
+def matmul_gflops(n: int, device, seconds: float = 1.0, dtype: str = "fp32") -> Dict[str, float]:
+    """Best rate of ``n x n @ n x n`` matmuls (``dtype`` fp32 or bf16) over about
+    ``seconds``, per second of wall time and per second of this process's CPU time
+    (robust on a shared machine)."""
     import torch
 
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    kind = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, device=device).to(kind) for _ in range(2))
     best = {"wall": 0.0, "cpu": 0.0}
     spent = 0.0
     for _ in range(2):
@@ -210,7 +212,7 @@ def make_step(args: argparse.Namespace, setup: Dict[str, Any]):
     build = _config_module().build
     if hasattr(continual.ContinualRunner, "train_step") and hasattr(continual.ContinualRunner, "task_optim"):
         cfg = setup["config"]
-        runner = build("runner", cfg)
+        runner = build("runner", dict(cfg, runner=dict(cfg["runner"], amp=args.amp)))
         opt = runner.task_optim(model, 0, setup["train"],
                                 continual.OptimSpec(optimizer=cfg["optimizer"], scheduler=cfg.get("scheduler")))
         train = setup["task"].train
@@ -232,11 +234,13 @@ def run_worker(args: argparse.Namespace) -> None:
     model, batch_at, device = setup["model"], setup["batch_at"], setup["device"]
     batch_size, n = setup["batch_size"], setup["train"]
     step, kind = make_step(args, setup)
+    if args.worker == "new" and args.amp != "off":
+        kind += f" under runner.amp: {args.amp}"
 
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter:  # the arithmetic is counted once, in fp32 (autocast does not change it)
         model(batch_at(0), 0)["loss"].backward()
     flops = counter.get_total_flops()
     model.zero_grad(set_to_none=True)
@@ -259,6 +263,8 @@ def run_worker(args: argparse.Namespace) -> None:
         "batch": batch_size, "train": n, "steps": args.steps, "seconds": wall, "cpu_seconds": cpu,
         "flops": flops, "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "matmul": matmul_gflops(args.matmul, device),
+        "matmul_bf16": matmul_gflops(args.matmul, device, dtype="bf16"),
+        "amp": args.amp if args.worker == "new" else "off",
     }
     print(RESULT_TAG + json.dumps(result), flush=True)
 
@@ -284,7 +290,8 @@ def unpack_commit(commit: str, into: Path) -> Path:
 def measure(worker: str, root: Path, method: str, args: argparse.Namespace) -> Dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--root", str(root),
            "--method", method, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), "--device", args.device, "--matmul", str(args.matmul)]
+           "--threads", str(args.threads), "--device", args.device, "--matmul", str(args.matmul),
+           "--amp", args.amp]
     if args.quick:
         cmd.append("--quick")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH="")
@@ -297,12 +304,15 @@ def measure(worker: str, root: Path, method: str, args: argparse.Namespace) -> D
 
 
 def table(rows: List[Dict[str, Any]]) -> List[str]:
+    """One markdown row per method. The anchor of ``achieved / matmul`` is the matmul in
+    the new worker's precision: fp32, or bf16 under ``--amp bf16``."""
     out = ["| method | batch | params M | GFLOP/step naive / new | naive steps/s | new steps/s | speed-up "
-           "| CPU ms/step naive / new | CPU speed-up | new samples/s | achieved GFLOP/s | matmul GFLOP/s "
-           "| achieved / matmul | same per CPU second |",
+           "| CPU ms/step naive / new | CPU speed-up | new samples/s | achieved GFLOP/s "
+           "| matmul GFLOP/s fp32 / bf16 | achieved / matmul | same per CPU second |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         new, ref = r["new"], r.get("reference")
+        anchor = new["matmul_bf16"] if new.get("amp") == "bf16" else new["matmul"]
         sps = new["steps"] / new["seconds"]
         gf = new["flops"] / 1e9
         achieved = gf * sps
@@ -316,8 +326,9 @@ def table(rows: List[Dict[str, Any]]) -> List[str]:
             "-" if ref is None else f"{sps / ref_sps:.2f}x",
             ("-" if ref is None else f"{cpu_ref:.1f}") + f" / {cpu_new:.1f}",
             "-" if ref is None else f"{cpu_ref / cpu_new:.2f}x", f"{sps * new['batch']:.0f}",
-            f"{achieved:.1f}", f"{new['matmul']['wall']:.1f}", f"{achieved / new['matmul']['wall']:.2f}",
-            "-" if not new["matmul"]["cpu"] else f"{gf / (cpu_new / 1e3) / new['matmul']['cpu']:.2f} |",
+            f"{achieved:.1f}", f"{new['matmul']['wall']:.1f} / {new['matmul_bf16']['wall']:.1f}",
+            f"{achieved / anchor['wall']:.2f}",
+            "-" if not anchor["cpu"] else f"{gf / (cpu_new / 1e3) / anchor['cpu']:.2f} |",
         ]))
     return out
 
@@ -345,7 +356,8 @@ def run_driver(args: argparse.Namespace) -> None:
           f"warm-up, synthetic coco_balanced task 1 ({first['train']} train pairs)"
           + (" --quick" if args.quick else "") + f", load average {load:.2f}")
     print(f"naive = the loop of commit {args.reference_commit}" if tmp is not None else "naive: not run (--no-reference)")
-    print(f"new = {first['step']}; matmul = {args.matmul}^3 fp32; CPU = process time of the timed steps")
+    print(f"new = {first['step']}; matmul = {args.matmul}^3 fp32 and bf16, the anchor in the new worker's "
+          f"precision ({'bf16' if args.amp == 'bf16' else 'fp32'}); CPU = process time of the timed steps")
     for line in table(rows):
         print(line)
     if args.json:
@@ -364,6 +376,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--reference-commit", default=REFERENCE_COMMIT,
                         help=f"commit whose loop is the naive reference (default {REFERENCE_COMMIT})")
     parser.add_argument("--no-reference", action="store_true", help="skip the naive reference")
+    parser.add_argument("--amp", choices=("off", "bf16"), default="off",
+                        help="runner.amp of the new worker (default off; the naive reference always runs fp32)")
     parser.add_argument("--json", default=None, help="also write the raw measurements to this file")
     parser.add_argument("--worker", choices=("reference", "new"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)

@@ -385,7 +385,8 @@ class CASH(HashModel):
         idx = batch.index
         if self.bank_hash_image.shape[0]:
             for name, key in zip(BANKS, ("cv", "ct", "hv", "ht")):
-                getattr(self, f"bank_{name}")[idx] = out[key].detach()
+                bank = getattr(self, f"bank_{name}")
+                bank[idx] = out[key].detach().to(bank.dtype)  # fp32 banks under bf16 autocast
             bank_labels = self.bank_labels
             banks = {name: getattr(self, f"bank_{name}") for name in BANKS}
         else:  # no bank (loss called without begin_task's train set): the batch is its own bank

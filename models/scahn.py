@@ -250,8 +250,8 @@ class SCAHN(HashModel):
         outs_t, z_t = self._forward("text", batch.text, batch.text_layers)
         h_i, h_t = torch.tanh(z_i), torch.tanh(z_t)
         idx = batch.index
-        self.buffer_image[idx] = h_i.detach()
-        self.buffer_text[idx] = h_t.detach()
+        self.buffer_image[idx] = h_i.detach().to(self.buffer_image.dtype)  # fp32 buffers under bf16 autocast
+        self.buffer_text[idx] = h_t.detach().to(self.buffer_text.dtype)
         Fb, Gb = self.buffer_image, self.buffer_text
         labels = batch.labels.float()
         sim_all = ((labels @ self.train_labels.t()) > 0).float()

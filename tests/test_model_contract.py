@@ -133,3 +133,15 @@ def test_resume_after_interruption_equals_uninterrupted(name, tmp_path, monkeypa
     a, b = CodeStore.load(tmp_path / "whole" / "codes.npz"), CodeStore.load(tmp_path / "resumed" / "codes.npz")
     for t in a.tasks():
         assert torch.equal(a.get(t).codes("image"), b.get(t).codes("image"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_trains_under_bf16_autocast_with_fp32_state(name, tmp_path):
+    """``runner.amp: bf16`` (CPU autocast here) runs every method through both tasks: what a
+    model writes into its own buffers during training (code banks, train-set buffers)
+    keeps its full precision, and so do the weights (no bf16 / fp16 tensor in the checkpoint)."""
+    res = run_config(tiny_config(name, amp="bf16"), tmp_path / "bf16", quiet=True)
+    assert res.completed_tasks == 2
+    state = torch.load(tmp_path / "bf16" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    tensors = [v for v in state["model"].values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert tensors and all(v.dtype in (torch.float32, torch.float64) for v in tensors)
