@@ -6,7 +6,9 @@ step ``dt`` and input / output matrices ``B``, ``C`` per token, the diagonal sel
 scan ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t``, ``y_t = C_t h_t + D x_t``, gating by
 ``silu(z)`` and an output projection (Gu & Dao, "Mamba", 2023). Written from the
 paper's equations so that no CUDA-only package is needed. The scan runs along the
-sequence axis of each sample only: samples of a batch never interact.
+sequence axis of each sample only: samples of a batch never interact. On the CPU the
+sequential scan runs as one compiled kernel (``models/scan_kernel.py``, numba) unless
+``kernel: torch``; the PyTorch loops below are the reference and the GPU path.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models import scan_kernel
 
 
 def selective_scan_sequential(
@@ -87,6 +91,7 @@ class SelectiveScanBlock(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         scan: Literal["sequential", "parallel"] = "parallel",
+        kernel: Literal["auto", "torch"] = "auto",
     ) -> None:
         super().__init__()
         if min(d_model, d_state, d_conv, expand) < 1:
@@ -94,7 +99,9 @@ class SelectiveScanBlock(nn.Module):
                              f"{d_model}, {d_state}, {d_conv}, {expand}")
         if scan not in ("sequential", "parallel"):
             raise ValueError(f"selective scan: scan must be 'sequential' or 'parallel', got {scan!r}")
-        self.d_model, self.d_state, self.scan = d_model, d_state, scan
+        if kernel not in ("auto", "torch"):
+            raise ValueError(f"selective scan: kernel must be 'auto' or 'torch', got {kernel!r}")
+        self.d_model, self.d_state, self.scan, self.kernel = d_model, d_state, scan, kernel
         d_inner = expand * d_model
         self.d_inner = d_inner
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
@@ -119,6 +126,9 @@ class SelectiveScanBlock(nn.Module):
         dt, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt))
         A = -torch.exp(self.A_log)
-        scan = selective_scan_parallel if self.scan == "parallel" else selective_scan_sequential
-        y = scan(x, dt, A, Bm, Cm, self.D)
+        if self.scan == "sequential" and self.kernel == "auto" and scan_kernel.usable(x):
+            y = scan_kernel.sequential_scan(x, dt, A, Bm, Cm) + x * self.D
+        else:
+            scan = selective_scan_parallel if self.scan == "parallel" else selective_scan_sequential
+            y = scan(x, dt, A, Bm, Cm, self.D)
         return self.out_proj(y * F.silu(z))

@@ -4,6 +4,7 @@ import torch
 
 from common.register import MODELS
 from models.cagmh import CAGMH, covariance_guidance, hadamard_centres
+from models import scan_kernel
 from models.selective_scan import (
     SelectiveScanBlock, causal_depthwise_conv, selective_scan_parallel, selective_scan_sequential,
 )
@@ -31,6 +32,55 @@ def test_parallel_scan_equals_sequential(L):
     for t in range(L):
         h = torch.exp(dt[0, t, :, None] * A) * h + dt[0, t, :, None] * x[0, t, :, None] * B[0, t]
     torch.testing.assert_close(seq[0, -1], (h * C[0, -1]).sum(-1) + D * x[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def scan_inputs(L, b=3, d=5, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, B, C = torch.randn(b, L, d, generator=g), torch.randn(b, L, n, generator=g), torch.randn(b, L, n, generator=g)
+    dt, A = torch.rand(b, L, d, generator=g), -4 * torch.rand(d, n, generator=g)
+    return x, dt, A, B, C
+
+
+@pytest.mark.parametrize("L", [1, 2, 8])
+def test_compiled_scan_kernel_equals_the_pytorch_loop_values_and_gradients(L):
+    if not scan_kernel.available():
+        pytest.skip("numba is not installed: the PyTorch loop is the only path")
+    inputs = scan_inputs(L)
+    D = torch.zeros(inputs[0].shape[-1])
+    ref_in = [v.clone().requires_grad_() for v in inputs]
+    ker_in = [v.clone().requires_grad_() for v in inputs]
+    ref = selective_scan_sequential(*ref_in, D)
+    out = scan_kernel.sequential_scan(*ker_in)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    weight = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad((out * weight).sum(), ker_in),
+                    torch.autograd.grad((ref * weight).sum(), ref_in)):   # x, dt, A, B, C
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_scan_block_uses_the_kernel_on_cpu_and_matches_the_torch_loop(monkeypatch):
+    if not scan_kernel.available():
+        pytest.skip("numba is not installed: the PyTorch loop is the only path")
+    torch.manual_seed(0)
+    fast = SelectiveScanBlock(8, d_state=4, scan="sequential", kernel="auto")
+    slow = SelectiveScanBlock(8, d_state=4, scan="sequential", kernel="torch")
+    slow.load_state_dict(fast.state_dict())
+    tokens = torch.randn(6, 5, 8)
+    calls = []
+    real = scan_kernel.sequential_scan
+    monkeypatch.setattr(scan_kernel, "sequential_scan", lambda *a: calls.append(1) or real(*a))
+    y_fast = fast(tokens)
+    assert calls
+    y_slow = slow(tokens)
+    torch.testing.assert_close(y_fast, y_slow, atol=1e-5, rtol=1e-5)
+    y_fast.square().sum().backward()
+    y_slow.square().sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), slow.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # bf16 inputs run in float32
+        assert fast(tokens).isfinite().all()
+    with pytest.raises(ValueError, match="kernel must be 'auto' or 'torch'"):
+        SelectiveScanBlock(8, kernel="numba")
 
 
 @pytest.mark.parametrize("L,k", [(1, 4), (3, 4), (8, 4), (5, 2)])

@@ -1,0 +1,134 @@
+"""The sequential selective scan as one compiled CPU kernel (numba), with its backward.
+
+``y_t = C_t . h_t`` with ``h_t = a_t * h_{t-1} + dt_t x_t B_t`` and ``a_t = exp(dt_t A)``
+(the ``D x`` skip term stays outside). In plain PyTorch every token costs half a dozen
+elementwise passes over a (b, d, n) state, each with autograd bookkeeping, and the
+gradients of ``dt`` and ``A`` come from reductions over broadcast dimensions, slow on
+CPU; that was about half of a CAGMH training step. Here the forward is one pass over
+the state per token and the backward recomputes the states of one (sample, channel)
+row and walks the tokens in reverse, accumulating every gradient in that same pass.
+``a`` is computed once by torch (its vectorised ``exp``) and kept for the backward.
+
+The kernels are plain Python loops compiled by numba on first use (about 5 s, cached on
+disk next to this file like the metric kernel), single-threaded (no numba threading
+layer, so nothing shares or resets torch's OpenMP pool). ``available()`` is False when
+numba is not installed; the caller then runs the PyTorch loop. Values equal the PyTorch
+loop up to float rounding (the per-state sums run in another order; tests/test_cagmh.py).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Tuple
+
+import numpy as np
+import torch
+
+
+def scan_forward(x, dt, a, B, C, y):  # pragma: no cover - compiled by numba
+    """``y[b, t, d] = sum_k C[b, t, k] h_t[k]`` for every sample b and channel d."""
+    nb, L, nd = x.shape
+    n = a.shape[3]
+    h = np.empty(n, np.float32)
+    for b in range(nb):
+        for d in range(nd):
+            h[:] = 0.0
+            for t in range(L):
+                u = dt[b, t, d] * x[b, t, d]
+                acc = np.float32(0.0)
+                for k in range(n):
+                    hk = a[b, t, d, k] * h[k] + u * B[b, t, k]
+                    h[k] = hk
+                    acc += hk * C[b, t, k]
+                y[b, t, d] = acc
+
+
+def scan_backward(x, dt, a, A, B, C, gy, gx, gdt, gA, gB, gC):  # pragma: no cover - compiled by numba
+    """Gradients of ``sum(gy * y)``: written into ``gx``, ``gdt`` and accumulated into the
+    zero-filled ``gA``, ``gB``, ``gC``. ``g`` carries dL/dh_t back through the tokens."""
+    nb, L, nd = x.shape
+    n = a.shape[3]
+    H = np.empty((L, n), np.float32)
+    g = np.empty(n, np.float32)
+    for b in range(nb):
+        for d in range(nd):
+            for t in range(L):  # the states of this (sample, channel) row, recomputed
+                u = dt[b, t, d] * x[b, t, d]
+                for k in range(n):
+                    prev = H[t - 1, k] if t > 0 else np.float32(0.0)
+                    H[t, k] = a[b, t, d, k] * prev + u * B[b, t, k]
+            g[:] = 0.0
+            for t in range(L - 1, -1, -1):
+                gyv, dtv, xv = gy[b, t, d], dt[b, t, d], x[b, t, d]
+                u = dtv * xv
+                g_u = np.float32(0.0)
+                for k in range(n):
+                    gk = g[k] + gyv * C[b, t, k]           # dL/dh_t
+                    gC[b, t, k] += gyv * H[t, k]
+                    gB[b, t, k] += gk * u
+                    g_u += gk * B[b, t, k]                  # dL/du_t, u_t = dt_t x_t
+                    g[k] = gk * a[b, t, d, k]               # dL/dh_{t-1}, and dL/da_t * a_t / h_{t-1}
+                g_dt = g_u * xv
+                if t > 0:                                   # a_t = exp(dt_t A): da = a (A ddt + dt dA)
+                    for k in range(n):
+                        ga = g[k] * H[t - 1, k]             # dL/da_t * a_t
+                        g_dt += ga * A[d, k]
+                        gA[d, k] += ga * dtv
+                gx[b, t, d] = g_u * dtv
+                gdt[b, t, d] = g_dt
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> Optional[Tuple[Any, Any]]:
+    """Both kernels compiled (lazily, cached on disk when a cache directory is writable);
+    None without numba. fastmath lets LLVM vectorise the loops over the state size."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    options = dict(nogil=True, fastmath=True, error_model="numpy")
+    compiled = []
+    for fn in (scan_forward, scan_backward):
+        try:
+            compiled.append(numba.njit(cache=True, **options)(fn))
+        except RuntimeError:  # no writable cache location: compile in every process instead
+            compiled.append(numba.njit(**options)(fn))
+    return compiled[0], compiled[1]
+
+
+def available() -> bool:
+    return _kernels() is not None
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel can run on these tensors: numba present, every tensor on the CPU."""
+    return all(t.device.type == "cpu" for t in tensors) and available()
+
+
+class _SequentialScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C):
+        x, dt, A, B, C = (v.detach().float().contiguous() for v in (x, dt, A, B, C))
+        a = torch.exp(dt.unsqueeze(-1) * A)                 # (b, L, d, n)
+        y = torch.empty_like(x)
+        _kernels()[0](x.numpy(), dt.numpy(), a.numpy(), B.numpy(), C.numpy(), y.numpy())
+        ctx.save_for_backward(x, dt, a, A, B, C)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, dt, a, A, B, C = ctx.saved_tensors
+        gy = gy.float().contiguous()
+        gx, gdt = torch.empty_like(x), torch.empty_like(dt)
+        gA, gB, gC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
+        _kernels()[1](x.numpy(), dt.numpy(), a.numpy(), A.numpy(), B.numpy(), C.numpy(), gy.numpy(),
+                      gx.numpy(), gdt.numpy(), gA.numpy(), gB.numpy(), gC.numpy())
+        return gx, gdt, gA, gB, gC
+
+
+def sequential_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    C: torch.Tensor) -> torch.Tensor:
+    """``y`` (b, L, d) of the scan without its ``D x`` term, in float32 (inputs of another
+    float dtype, e.g. bf16 under autocast, are computed in float32; gradients come back in
+    float32, which autograd casts to each input's dtype). Shapes as
+    ``models.selective_scan.selective_scan_sequential``."""
+    return _SequentialScan.apply(x, dt, A, B, C)
