@@ -17,7 +17,7 @@ def has_reference_commit() -> bool:
 
 def test_quick_run_prints_the_table():
     cmd = [sys.executable, str(SCRIPT), "--quick", "--methods", "DSPH", "--steps", "1", "--warmup", "0",
-           "--matmul", "64"]
+           "--matmul", "64", "--rounds", "1"]
     with_reference = has_reference_commit()
     if not with_reference:
         cmd.append("--no-reference")
@@ -45,3 +45,20 @@ def test_quick_run_prints_the_table():
 def test_unknown_method_is_refused():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--methods", "NOPE"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "--methods: unknown NOPE" in proc.stderr
+
+
+def test_best_of_rounds_keeps_the_faster_measurement_and_the_best_anchors():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    slow = {"steps": 10, "cpu_seconds": 2.0, "seconds": 2.1, "matmul": {"wall": 90.0, "cpu": 95.0},
+            "matmul_bf16": {"wall": 400.0, "cpu": 300.0}}
+    fast = {"steps": 20, "cpu_seconds": 3.0, "seconds": 3.2, "matmul": {"wall": 80.0, "cpu": 99.0},
+            "matmul_bf16": {"wall": 900.0, "cpu": 200.0}}
+    for kept in (bench.best(slow, fast), bench.best(fast, slow)):
+        assert kept["steps"] == 20 and kept["cpu_seconds"] == 3.0      # 0.15 s per step beats 0.2
+        assert kept["matmul"] == {"wall": 90.0, "cpu": 99.0}
+        assert kept["matmul_bf16"] == {"wall": 900.0, "cpu": 300.0}
+    assert bench.best(None, slow) is slow
