@@ -36,7 +36,9 @@ import copy
 import csv
 import io
 import json
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -226,13 +228,32 @@ def execute(planned: Sequence[PlannedRun], jobs: int = 1, quiet: bool = False) -
         context = multiprocessing.get_context("spawn")   # a clean interpreter per worker, on every platform
         workers = min(jobs, len(todo))
         threads = worker_threads(torch.get_num_threads(), workers)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_stop_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {i: pool.submit(_run_in_worker, planned[i].config, str(planned[i].run_dir),
                                       planned[i].action, threads) for i in todo}
             for i, future in futures.items():
                 results[i] = RunResults.from_dict(future.result())
     return [ComparedRun("", p.slug, p.config_file, p.run_dir, results[i], p.action == "reuse", p.seed)
             for i, p in enumerate(planned)]
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Worker initializer: on Linux the kernel sends this worker SIGTERM when the compare
+    process dies, however it dies (``kill``, not only Ctrl-C, which reaches the whole
+    process group anyway), so no run goes on training for nobody. What the worker had
+    finished stays on disk and ``--resume`` continues it. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:   # the parent died before the request was in place
+        os._exit(1)
 
 
 def worker_threads(parent_threads: int, workers: int) -> int:

@@ -2,7 +2,13 @@
 import argparse
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import List
 
 import pytest
 
@@ -364,3 +370,59 @@ def test_parallel_workers_share_the_threads_unless_the_config_sets_them(tmp_path
             ["environment"]["torch_threads"]
             for run in csv.DictReader((tmp_path / "cmp" / "runs.csv").read_text().splitlines())}
     assert used == {"shared": 2, "fixed": 3}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux only")
+def test_workers_stop_when_the_compare_process_is_killed(tmp_path):
+    """``kill -9`` of a ``compare --jobs 2`` leaves no worker training on for nobody."""
+    from conftest import tiny_config
+    from runners.config import dump_config
+
+    files = []
+    for name in ("DSPH", "DCMHT"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(dump_config(tiny_config(name, epochs=100_000, num_threads=1)))
+        files.append(str(path))
+    root = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, str(root / "main.py"), "compare", "--config-file", *files,
+                               "--output-dir", str(tmp_path / "out"), "--jobs", "2"],
+                              cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> List[int]:
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent.pid:
+                pids.append(int(stat.parent.name))
+        return pids
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"
+
+    workers: List[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(workers) < 3:   # the resource tracker and two workers
+            workers = children()
+            time.sleep(0.2)
+        assert len(workers) >= 2, "compare never started its workers"
+        time.sleep(2)   # the workers are inside their runs now
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(alive(p) for p in workers):
+            time.sleep(0.2)
+        assert not any(alive(p) for p in workers)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
