@@ -11,9 +11,13 @@ row and walks the tokens in reverse, accumulating every gradient in that same pa
 
 The kernels are plain Python loops compiled by numba on first use (about 5 s, cached on
 disk next to this file like the metric kernel), single-threaded (no numba threading
-layer, so nothing shares or resets torch's OpenMP pool). ``available()`` is False when
-numba is not installed; the caller then runs the PyTorch loop. Values equal the PyTorch
-loop up to float rounding (the per-state sums run in another order; tests/test_cagmh.py).
+layer, so nothing shares or resets torch's OpenMP pool). At CAGMH's sizes on one thread
+its forward + backward takes about half the time of autograd over the PyTorch loop; on
+a many-core CPU with many torch threads the loop parallelises and may be the faster
+one (``scan_kernel: torch`` in the CAGMH config selects it). ``available()`` is False
+when numba is not installed; the caller then runs the PyTorch loop. Values equal the
+PyTorch loop up to float rounding (the per-state sums run in another order;
+tests/test_cagmh.py).
 """
 from __future__ import annotations
 
