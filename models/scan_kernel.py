@@ -70,7 +70,7 @@ def scan_backward(x, dt, a, A, B, C, gy, gx, gdt, gA, gB, gC):  # pragma: no cov
                     gC[b, t, k] += gyv * H[t, k]
                     gB[b, t, k] += gk * u
                     g_u += gk * B[b, t, k]                  # dL/du_t, u_t = dt_t x_t
-                    g[k] = gk * a[b, t, d, k]               # dL/dh_{t-1}, and dL/da_t * a_t / h_{t-1}
+                    g[k] = gk * a[b, t, d, k]               # dL/dh_{t-1} (also reused for dL/da_t below)
                 g_dt = g_u * xv
                 if t > 0:                                   # a_t = exp(dt_t A): da = a (A ddt + dt dA)
                     for k in range(n):
