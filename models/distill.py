@@ -4,7 +4,8 @@ continuous codes of the current samples towards the copy's.
 
 The added term is ``weight`` times the mean squared difference between the student's
 and the teacher's continuous codes, in both modalities, over the teacher's bits (a
-model that grows its code keeps its old bits close). No old sample is kept, only the
+model that grows its code keeps its old bits close), both encoded under the teacher's
+task (LwF's old-head outputs on new data). No old sample is kept, only the
 old model: the standard Learning-without-Forgetting baseline of continual learning,
 applied to codes instead of class logits.
 """
@@ -59,9 +60,12 @@ class Distill(StrategyWrapper):
         with torch.no_grad():
             old_image = self.teacher.encode_image(batch.image, self.teacher_task, batch.image_layers)
             old_text = self.teacher.encode_text(batch.text, self.teacher_task, batch.text_layers)
+        # The student is read under the teacher's task too: for a task-conditioned base
+        # (prompts, heads) that is the mapping the stored codes of the earlier tasks came
+        # from, which is what the term protects; a task-agnostic base ignores the index.
         k = old_image.shape[1]
-        new_image = self.base.encode_image(batch.image, task_index, batch.image_layers)[:, :k]
-        new_text = self.base.encode_text(batch.text, task_index, batch.text_layers)[:, :k]
+        new_image = self.base.encode_image(batch.image, self.teacher_task, batch.image_layers)[:, :k]
+        new_text = self.base.encode_text(batch.text, self.teacher_task, batch.text_layers)[:, :k]
         parts["distill"] = self.weight * (F.mse_loss(new_image, old_image) + F.mse_loss(new_text, old_text))
         parts["loss"] = parts["loss"] + parts["distill"]
         return parts

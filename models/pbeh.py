@@ -30,6 +30,16 @@ Deviations from the public code, each on purpose:
   nearest prompt of its task's pool towards it (``1 - cos``, as L2P's key matching),
   so prompts come to lie where their task's samples are and the nearest-prompt task
   choice of task-agnostic encoding becomes a task classifier.
+- ``lwf_weight`` (0 = the public code, which has no such term): Learning without
+  Forgetting on sample codes. At the start of every task after the first, a frozen copy
+  of the attention and hash nets is kept (outside the module's parameters and state:
+  ``begin_task`` takes it again on resume, from the same weights); each step, for every
+  earlier task k, the current nets' outputs for the batch under task k's pool (first
+  ``K_k`` outputs, renormalised, as the prompt anchor) are pulled towards the copy's
+  (mean squared difference, averaged over the earlier tasks and summed over the
+  modalities). The prompt anchor holds a few prompt codes per task; this term holds the
+  codes the current samples would get under the old pools, which lets later tasks train
+  at the full rate (notes/continual_methods.md).
 - The supervised contrastive term counts the anchor among its own positives and in
   the denominator, as the public code does (``contrastive_self: false`` gives
   Khosla et al.'s form, anchor excluded).
@@ -59,6 +69,7 @@ Deviations from the public code, each on purpose:
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
@@ -163,6 +174,7 @@ class PBEH(HashModel):
         distill_weight: float = 100.0,
         anchor_weight: float = 0.1,
         match_weight: float = 0.0,
+        lwf_weight: float = 0.0,
         contrastive_self: bool = True,
         temperature: float = 0.1,
         similarity_scale: float = 16.0,
@@ -184,6 +196,8 @@ class PBEH(HashModel):
             raise ConfigError(f"model.extend_threshold: must be >= 0 (0 extends after every task), got {extend_threshold}")
         if prompt_std is not None and prompt_std <= 0:
             raise ConfigError(f"model.prompt_std: must be positive or null (1/sqrt(width)), got {prompt_std}")
+        if lwf_weight < 0:
+            raise ConfigError(f"model.lwf_weight: must be >= 0 (0 = no previous-model term), got {lwf_weight}")
         if temperature <= 0 or similarity_scale <= 0:
             raise ConfigError("model.temperature and model.similarity_scale must be positive")
         self.initial_bits = int(bits)
@@ -195,7 +209,7 @@ class PBEH(HashModel):
         self.weights = {
             "cosine": cosine_weight, "similarity": similarity_weight, "quant": quant_weight,
             "contrastive": contrastive_weight, "distill": distill_weight, "anchor": anchor_weight,
-            "match": match_weight,
+            "match": match_weight, "lwf": lwf_weight,
         }
         self.temperature = float(temperature)
         self.similarity_scale = float(similarity_scale)
@@ -214,6 +228,9 @@ class PBEH(HashModel):
         self.bit_history: List[int] = []
         self.extension_tests: List[Dict[str, Any]] = []
         self.anchor_bits: List[int] = []
+        # The nets as they were when the current task began (lwf_weight > 0 only); a plain
+        # list, so the copy is neither a submodule nor part of the checkpoint.
+        self._previous: List[nn.Module] = []
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -301,6 +318,14 @@ class PBEH(HashModel):
         self.prompts.add(self.num_prompts(len(task.train) + len(task.val)), self._device())
         self._freeze(keep_last=True)
         self.bit_history.append(self.bits)
+        self._previous = [self._frozen_nets()] if self.weights["lwf"] and task_index >= 1 else []
+
+    def _frozen_nets(self) -> nn.Module:
+        """A frozen copy of the attention and hash nets (the teacher of the LwF term)."""
+        nets = copy.deepcopy(nn.ModuleDict({"image_attn": self.image_attn, "text_attn": self.text_attn,
+                                            "image_net": self.image_net, "text_net": self.text_net}))
+        nets.requires_grad_(False)
+        return nets.eval()
 
     def end_task(self, task: "Task", task_index: int, store: "CodeStore") -> None:
         """Save this task's prompt codes (anchor) and run the extension test."""
@@ -371,9 +396,31 @@ class PBEH(HashModel):
                 current = F.normalize(self.prompt_logits(k)[:, : saved.shape[1]], dim=1)
                 anchor = anchor + L.anchor_l1(current, saved)
             parts["anchor"] = anchor
+        if self._previous and t >= 1:
+            parts["lwf"] = self._lwf(xv, xt, t)
         weighted = {k: self.weights[k] * v for k, v in parts.items()}
         weighted["loss"] = sum(weighted.values())
         return weighted
+
+    def _lwf(self, xv: torch.Tensor, xt: torch.Tensor, t: int) -> torch.Tensor:
+        """Mean over the earlier tasks k of the squared difference between the current and
+        the frozen nets' outputs for this batch under pool k (first ``K_k`` outputs,
+        renormalised), both modalities."""
+        old = self._previous[0]
+        if old.image_net.last.weight.device != xv.device:  # the model moved after begin_task
+            old.to(xv.device)
+        total = xv.new_zeros(())
+        for k in range(t):
+            pool, bits = self.prompts[k], self.anchor_bits[k]
+            for x, attn, net, name in ((xv, self.image_attn, self.image_net, "image"),
+                                       (xt, self.text_attn, self.text_net, "text")):
+                chosen = top_prompts(x, pool, self.prompt_top_k)
+                with torch.no_grad():
+                    z_old = torch.cat([x, old[f"{name}_attn"](x, pool, chosen)], dim=1)
+                    target = F.normalize(old[f"{name}_net"].logits(z_old)[:, :bits], dim=1)
+                z = torch.cat([x, attn(x, pool, chosen)], dim=1)
+                total = total + F.mse_loss(F.normalize(net.logits(z)[:, :bits], dim=1), target)
+        return total / t
 
     def param_groups(self, task_index: int) -> List[Dict[str, Any]]:
         """Hash nets and attention at ``lr`` on the first task and ``later_lr_scale * lr``

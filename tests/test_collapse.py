@@ -53,3 +53,23 @@ def test_healthy_codes_are_not_flagged():
     # ... but one code for both classes is a collapse
     assert len(code_collapse(_entry(torch.ones(100, 16).long(), per_class, labels))) == 1
     assert code_collapse(_entry(np.ones((1, 8)), np.ones((1, 8)), np.ones((1, 2)))) == []
+
+
+def test_a_code_for_the_dominant_label_of_a_long_tail_is_not_collapse():
+    # 60 % of the samples carry label 0 (COCO's person) with varied other labels; one
+    # code for exactly those samples is a class code, one code for 60 % of random
+    # samples is not
+    g = torch.Generator().manual_seed(7)
+    labels = (torch.rand(500, 8, generator=g) < 0.2).float()
+    labels[:, 0] = 0
+    labels[:300, 0] = 1
+    codes = _random_codes(500, 16, 8)
+    person = codes.clone()
+    person[:300] = person[0]
+    assert code_collapse(_entry(person, person, labels)) == []
+    mixed = codes.clone()
+    mixed[100:400] = mixed[100]  # half of them without label 0
+    assert [c.modality for c in code_collapse(_entry(mixed, mixed, labels))] == ["image", "text"]
+    assert code_collapse(_entry(mixed, mixed, labels), coherence=0.6) == []
+    with pytest.raises(ValueError, match="coherence"):
+        code_collapse(_entry(mixed, mixed, labels), coherence=0.0)

@@ -310,3 +310,60 @@ def test_match_term_pulls_prompts_to_their_task_and_infers_it(stream):
         for k in chosen.unique().tolist():
             rows = chosen == k
             assert torch.allclose(agnostic[rows], model.encode_image(q.image[rows], k), atol=1e-6)
+
+
+def test_lwf_term_holds_old_task_codes_and_stays_out_of_the_checkpoint(stream):
+    """``lwf_weight``: zero on the first step of a new task (the frozen copy is the model
+    as the task began), then it keeps the codes of old-task queries under their own pool
+    closer to where they were than training without it; the copy is not a parameter,
+    not in the state dict, and is taken again by ``begin_task`` (so a resumed run has it)."""
+    q = stream.tasks[0].query
+    drift = {}
+    for weight in (0.0, 50.0):
+        torch.manual_seed(0)
+        model = build(lwf_weight=weight, anchor_weight=0.0)
+        store = CodeStore()
+        train_task(model, stream.tasks[0], 0, steps=15)
+        finish_task(model, stream.tasks[0], 0, store)
+        with torch.no_grad():
+            before = model.encode_image(q.image, 0).clone()
+        history = train_task(model, stream.tasks[1], 1, steps=40, lr=1e-2)
+        if weight:
+            assert history[0]["lwf"] == 0.0 and history[-1]["lwf"] > 0.0
+            assert len(model._previous) == 1
+            assert not any(k.startswith("_previous") for k in model.state_dict())
+        else:
+            assert "lwf" not in history[-1] and model._previous == []
+        with torch.no_grad():
+            drift[weight] = float((model.encode_image(q.image, 0) - before).pow(2).sum(1).mean())
+        drift[(weight, "params")] = sum(p.numel() for p in model.parameters())
+    assert drift[50.0] < 0.5 * drift[0.0]
+    assert drift[(50.0, "params")] == drift[(0.0, "params")]  # the copy adds no parameter
+    with pytest.raises(ConfigError, match="model.lwf_weight"):
+        build(lwf_weight=-1.0)
+
+
+def test_resume_with_the_lwf_term_equals_uninterrupted(tmp_path, monkeypatch):
+    """The frozen copy is not checkpointed: a run interrupted in its second task and
+    resumed takes it again in ``begin_task`` and ends with the uninterrupted numbers."""
+    from conftest import tiny_config
+    from runners import continual
+    from runners.experiment import run_config
+
+    cfg = tiny_config("PBEH")
+    cfg["model"]["lwf_weight"] = 10.0
+    whole = run_config(cfg, tmp_path / "whole", quiet=True)
+    assert "lwf" in whole.val[1]["history"][0]
+    real = continual.ContinualRunner._evaluate_after
+
+    def interrupt_in_task_2(self, model, tasks, t, *args):
+        if t == 1:
+            raise KeyboardInterrupt
+        return real(self, model, tasks, t, *args)
+
+    monkeypatch.setattr(continual.ContinualRunner, "_evaluate_after", interrupt_in_task_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_config(cfg, tmp_path / "resumed", quiet=True)
+    monkeypatch.setattr(continual.ContinualRunner, "_evaluate_after", real)
+    resumed = run_config(cfg, tmp_path / "resumed", resume=True, quiet=True)
+    assert resumed.map == whole.map and resumed.summary == whole.summary

@@ -10,6 +10,7 @@ import main  # noqa: F401  (fills the registries)
 from common.code_store import CodeStore
 from dataset.synthetic import SyntheticDataset
 from models.base import sign_codes
+from runners.continual import ContinualRunner
 from runners.experiment import load_run, run_config
 from runners.config import build, validate_config
 from utils.errors import ConfigError
@@ -114,3 +115,25 @@ def test_checkpoint_structure_rebuilds_the_wrapper(strategy):
         assert again.memory_task.tolist() == [0] * 30 + [1] * 30  # equal shares of the memory
     else:
         assert again.teacher_task == 1 and not any(p.requires_grad for p in again.teacher.parameters())
+
+
+def test_distill_reads_a_task_conditioned_student_under_the_teachers_task():
+    # around PBEH (a prompt pool per task) the term compares old-task encodings: right
+    # after the copy is taken, before any step on the new task, it is exactly zero
+    cfg = config({"name": "distill", "weight": 1.0,
+                  "base": {"name": "PBEH", "bits": 8, "hidden": 32, "heads": 2, "prompt_divisor": 30}})
+    stream = SyntheticDataset(**{k: v for k, v in STREAM.items() if k != "name"}).load()
+    model, store = build("model", cfg, image_dim=24, text_dim=24, num_classes=12), CodeStore()
+    task_steps(model, stream.tasks[0], 0, steps=3)
+    finish_task(model, stream.tasks[0], 0, store)
+    model.begin_task(stream.tasks[1], 1)
+    model.train()
+    train = stream.tasks[1].train
+    batch = ContinualRunner.batch(train, torch.arange(16))
+    assert model.loss(batch, 1)["distill"].item() == 0.0
+    # the new task's own pool differs from the old one: reading the student under task 2
+    # would have given a positive term
+    with torch.no_grad():
+        new = model.base.encode_image(batch.image, 1)
+        old = model.teacher.encode_image(batch.image, 0)
+    assert float(torch.nn.functional.mse_loss(new, old)) > 0
