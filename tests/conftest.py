@@ -20,6 +20,18 @@ TINY_STREAM = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_thread_session():
+    """One torch thread for the whole session, so module-scoped fixtures (which pytest
+    sets up before any function-scoped one) compute at the thread count of the tests that
+    compare against them: on some CPUs (an AMD EPYC here) a CLIP text embedding differs in
+    its last bit between 1 and 2 threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def single_thread():
     """One torch thread inside each test; the previous setting is restored after it."""
