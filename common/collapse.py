@@ -33,12 +33,6 @@ class Collapse:
                 f"{what} ({self.distinct} distinct): the codes have collapsed")
 
 
-def _top_share(rows: np.ndarray) -> tuple[float, int]:
-    """Share of the most frequent row and the number of distinct rows."""
-    _, counts = np.unique(rows, axis=0, return_counts=True)
-    return float(counts.max()) / rows.shape[0], int(counts.size)
-
-
 def _top_bucket(rows: np.ndarray) -> tuple[float, int, np.ndarray]:
     """Share of the most frequent row, the number of distinct rows, and a mask of the
     rows equal to the most frequent one."""
@@ -68,7 +62,7 @@ def code_collapse(entry: StoredCodes, max_share: float = 0.5, coherence: float =
     if n < 2:
         return []
     labels = np.asarray(entry.labels) > 0
-    label_share, label_sets = _top_share(labels)
+    label_share, label_sets, _ = _top_bucket(labels)
     found = []
     for modality in MODALITIES:
         share, distinct, bucket = _top_bucket(np.asarray(getattr(entry, modality)))

@@ -414,11 +414,10 @@ class PBEH(HashModel):
             pool, bits = self.prompts[k], self.anchor_bits[k]
             for x, attn, net, name in ((xv, self.image_attn, self.image_net, "image"),
                                        (xt, self.text_attn, self.text_net, "text")):
-                chosen = top_prompts(x, pool, self.prompt_top_k)
                 with torch.no_grad():
-                    z_old = torch.cat([x, old[f"{name}_attn"](x, pool, chosen)], dim=1)
+                    z_old = self._enhance(x, pool, old[f"{name}_attn"])
                     target = F.normalize(old[f"{name}_net"].logits(z_old)[:, :bits], dim=1)
-                z = torch.cat([x, attn(x, pool, chosen)], dim=1)
+                z = self._enhance(x, pool, attn)
                 total = total + F.mse_loss(F.normalize(net.logits(z)[:, :bits], dim=1), target)
         return total / t
 
