@@ -59,7 +59,10 @@ Deviations from the public code, on purpose:
 The inter- and intra-modal terms are computed together per modality
 (``buffer_likelihoods``: one matmul against both buffers, the ``S theta`` part through
 ``S X``): the published sums in another float order, about twice as fast on CPU (a
-seeded run's figures can move in their last digits).
+seeded run's figures can move in their last digits). On the CPU their softplus row sums
+come from a compiled kernel (``models/softplus_kernel.py``; torch's softplus was over
+40 % of a step on an AMD EPYC), again the same sums to float rounding;
+``softplus_kernel: torch`` keeps ``F.softplus``.
 """
 from __future__ import annotations
 
@@ -71,6 +74,7 @@ from torch import nn
 
 from common.register import MODELS
 from models.base import Batch, HashModel
+from models.softplus_kernel import product_softplus_row_sums
 
 MODALITIES = ("image", "text")
 
@@ -80,23 +84,28 @@ def likelihood_loss(theta: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
     return (F.softplus(theta) - sim * theta).mean()
 
 
-def buffer_likelihoods(outputs: torch.Tensor, buffers: List[torch.Tensor], sim: torch.Tensor,
-                       alpha: float) -> torch.Tensor:
-    """``sum_r likelihood_loss(h_r X_m^T / alpha, S)`` for every buffer ``X_m`` (N, K),
-    over the stacked outputs ``h`` (R, B, K): a vector of len(buffers).
+def buffer_likelihoods(outputs: List[torch.Tensor], buffers: List[torch.Tensor], sim: torch.Tensor,
+                       alpha: float, kernel: str = "auto") -> torch.Tensor:
+    """``sum_r likelihood_loss(h_r X_m^T / alpha, S)`` for every stack of outputs ``h``
+    (R, B, K) in ``outputs`` (one per modality) and every buffer ``X_m`` (N, K): a
+    (len(outputs), len(buffers)) tensor.
 
-    One matmul against all buffers at once, and the ``S * theta`` part as
-    ``sum_b (sum_r h_rb) . (S X)_b / alpha`` (B x K) instead of a (R, B, N) product:
-    the same sums, in another float order."""
-    R, B, K = outputs.shape
-    N = buffers[0].shape[0]
-    # theta transposed, (M N, R B): the faster matmul layout on CPU; summing over dim 1
-    # first keeps the backward free of a full-size copy
-    theta_t = torch.cat(buffers) @ (outputs.reshape(R * B, K) / alpha).t()
-    soft = F.softplus(theta_t).sum(1).view(len(buffers), N).sum(1)
-    sim_x = (sim @ torch.cat(buffers, dim=1)).view(B, len(buffers), K)                # (S X_m)_b
-    linear = ((outputs.sum(0) / alpha).unsqueeze(1) * sim_x).sum(dim=(0, 2))
-    return (soft - linear) / (B * N)
+    One matmul per stack against all buffers at once, and the ``S * theta`` part as
+    ``sum_b (sum_r h_rb) . (S X)_b / alpha`` (B x K) instead of a (R, B, N) product, with
+    ``S X`` shared by the stacks: the same sums, in another float order. ``kernel``:
+    ``"auto"`` takes the softplus row sums from the compiled CPU kernel where it runs
+    (``models.softplus_kernel``), ``"torch"`` from ``F.softplus``."""
+    M, (N, K) = len(buffers), buffers[0].shape
+    stacked = torch.cat(buffers)
+    sim_x = (sim @ torch.cat(buffers, dim=1)).view(sim.shape[0], M, K)                  # (S X_m)_b
+    rows = []
+    for h in outputs:
+        R, B, _ = h.shape
+        # theta transposed, (M N, R B): the faster matmul layout on CPU, and row sums
+        soft = product_softplus_row_sums(stacked, h.reshape(R * B, K) / alpha, kernel).view(M, N).sum(1)
+        linear = ((h.sum(0) / alpha).unsqueeze(1) * sim_x).sum(dim=(0, 2))
+        rows.append((soft - linear) / (B * N))
+    return torch.stack(rows)
 
 
 def _stage_head(in_dim: int, bits: int) -> nn.Sequential:
@@ -157,6 +166,7 @@ class SCAHN(HashModel):
         pair_weight: float = 0.01,
         quant_weight: float = 2.0,
         quantize: Literal["stages", "fused"] = "stages",
+        softplus_kernel: Literal["auto", "torch"] = "auto",
     ) -> None:
         super().__init__(image_dim, text_dim, num_classes, bits)
         if stages < 1 or hidden < 1:
@@ -171,6 +181,9 @@ class SCAHN(HashModel):
         if quantize not in ("stages", "fused"):
             raise ValueError(f"quantize: expected 'stages' or 'fused', got {quantize!r}")
         self.quantize = quantize
+        if softplus_kernel not in ("auto", "torch"):
+            raise ValueError(f"softplus_kernel: expected 'auto' or 'torch', got {softplus_kernel!r}")
+        self.softplus_kernel = softplus_kernel
         self.fusion = nn.ParameterDict({m: nn.Parameter(torch.full((stages, bits), 1.0 / stages)) for m in MODALITIES})
         self.stages = nn.ModuleDict()   # filled by begin_task / build_structure (needs the data's layer shapes)
         self._sources: Dict[str, List[Any]] = {}
@@ -258,8 +271,8 @@ class SCAHN(HashModel):
         sim_batch = ((labels @ labels.t()) > 0).float()
         a = self.alpha
         all_i, all_t = outs_i + [h_i], outs_t + [h_t]
-        img_vs_f, img_vs_g = buffer_likelihoods(torch.stack(all_i), [Fb, Gb], sim_all, a)
-        txt_vs_f, txt_vs_g = buffer_likelihoods(torch.stack(all_t), [Fb, Gb], sim_all, a)
+        (img_vs_f, img_vs_g), (txt_vs_f, txt_vs_g) = buffer_likelihoods(
+            [torch.stack(all_i), torch.stack(all_t)], [Fb, Gb], sim_all, a, self.softplus_kernel)
         inter = img_vs_g / len(all_i) + txt_vs_f / len(all_t)
         intra = img_vs_f / len(all_i) + txt_vs_g / len(all_t)
         pair = likelihood_loss(h_i @ h_t.t() / a, sim_batch)

@@ -7,7 +7,10 @@ gradients of ``dt`` and ``A`` come from reductions over broadcast dimensions, sl
 CPU; that was about half of a CAGMH training step. Here the forward is one pass over
 the state per token and the backward recomputes the states of one (sample, channel)
 row and walks the tokens in reverse, accumulating every gradient in that same pass.
-``a`` is computed once by torch (its vectorised ``exp``) and kept for the backward.
+``a_t`` is computed inside both kernels (``common.vector_math.exp``, vectorised over the
+state; the backward recomputes it with the states), not as a (b, L, d, n) tensor: the
+two such temporaries of ``torch.exp(dt A)`` cost more than the arithmetic on the CPU
+(fresh pages of several MB per call), up to a sixth of a CAGMH step.
 
 The kernels are plain Python loops compiled by numba on first use (about 5 s, cached on
 disk next to this file like the metric kernel), single-threaded (no numba threading
@@ -16,8 +19,9 @@ its forward + backward takes about half the time of autograd over the PyTorch lo
 a many-core CPU with many torch threads the loop parallelises and may be the faster
 one (``scan_kernel: torch`` in the CAGMH config selects it). ``available()`` is False
 when numba is not installed; the caller then runs the PyTorch loop. Values equal the
-PyTorch loop up to float rounding (the per-state sums run in another order;
-tests/test_cagmh.py).
+PyTorch loop up to float rounding (the per-state sums run in another order, and
+``a_t`` is the correctly rounded float32 of ``exp`` where torch's may differ in the last
+bit; tests/test_cagmh.py).
 """
 from __future__ import annotations
 
@@ -27,39 +31,46 @@ from typing import Any, Optional, Tuple
 import numpy as np
 import torch
 
+from common.jit import njit
+from common.vector_math import exp
 
-def scan_forward(x, dt, a, B, C, y):  # pragma: no cover - compiled by numba
+
+def scan_forward(x, dt, A, B, C, y):  # pragma: no cover - compiled by numba
     """``y[b, t, d] = sum_k C[b, t, k] h_t[k]`` for every sample b and channel d."""
     nb, L, nd = x.shape
-    n = a.shape[3]
+    n = A.shape[1]
     h = np.empty(n, np.float32)
     for b in range(nb):
         for d in range(nd):
             h[:] = 0.0
             for t in range(L):
-                u = dt[b, t, d] * x[b, t, d]
+                dtv = dt[b, t, d]
+                u = dtv * x[b, t, d]
                 acc = np.float32(0.0)
                 for k in range(n):
-                    hk = a[b, t, d, k] * h[k] + u * B[b, t, k]
+                    hk = np.float32(exp(dtv * A[d, k])) * h[k] + u * B[b, t, k]
                     h[k] = hk
                     acc += hk * C[b, t, k]
                 y[b, t, d] = acc
 
 
-def scan_backward(x, dt, a, A, B, C, gy, gx, gdt, gA, gB, gC):  # pragma: no cover - compiled by numba
+def scan_backward(x, dt, A, B, C, gy, gx, gdt, gA, gB, gC):  # pragma: no cover - compiled by numba
     """Gradients of ``sum(gy * y)``: written into ``gx``, ``gdt`` and accumulated into the
     zero-filled ``gA``, ``gB``, ``gC``. ``g`` carries dL/dh_t back through the tokens."""
     nb, L, nd = x.shape
-    n = a.shape[3]
+    n = A.shape[1]
     H = np.empty((L, n), np.float32)
+    a = np.empty((L, n), np.float32)
     g = np.empty(n, np.float32)
     for b in range(nb):
         for d in range(nd):
-            for t in range(L):  # the states of this (sample, channel) row, recomputed
-                u = dt[b, t, d] * x[b, t, d]
+            for t in range(L):  # the states and decays of this (sample, channel) row, recomputed
+                dtv = dt[b, t, d]
+                u = dtv * x[b, t, d]
                 for k in range(n):
                     prev = H[t - 1, k] if t > 0 else np.float32(0.0)
-                    H[t, k] = a[b, t, d, k] * prev + u * B[b, t, k]
+                    a[t, k] = np.float32(exp(dtv * A[d, k]))
+                    H[t, k] = a[t, k] * prev + u * B[b, t, k]
             g[:] = 0.0
             for t in range(L - 1, -1, -1):
                 gyv, dtv, xv = gy[b, t, d], dt[b, t, d], x[b, t, d]
@@ -70,7 +81,7 @@ def scan_backward(x, dt, a, A, B, C, gy, gx, gdt, gA, gB, gC):  # pragma: no cov
                     gC[b, t, k] += gyv * H[t, k]
                     gB[b, t, k] += gk * u
                     g_u += gk * B[b, t, k]                  # dL/du_t, u_t = dt_t x_t
-                    g[k] = gk * a[b, t, d, k]               # dL/dh_{t-1} (also reused for dL/da_t below)
+                    g[k] = gk * a[t, k]                     # dL/dh_{t-1} (also reused for dL/da_t below)
                 g_dt = g_u * xv
                 if t > 0:                                   # a_t = exp(dt_t A): da = a (A ddt + dt dA)
                     for k in range(n):
@@ -85,18 +96,9 @@ def scan_backward(x, dt, a, A, B, C, gy, gx, gdt, gA, gB, gC):  # pragma: no cov
 def _kernels() -> Optional[Tuple[Any, Any]]:
     """Both kernels compiled (lazily, cached on disk when a cache directory is writable);
     None without numba. fastmath lets LLVM vectorise the loops over the state size."""
-    try:
-        import numba
-    except ImportError:
-        return None
     options = dict(nogil=True, fastmath=True, error_model="numpy")
-    compiled = []
-    for fn in (scan_forward, scan_backward):
-        try:
-            compiled.append(numba.njit(cache=True, **options)(fn))
-        except RuntimeError:  # no writable cache location: compile in every process instead
-            compiled.append(numba.njit(**options)(fn))
-    return compiled[0], compiled[1]
+    forward, backward = (njit(fn, helpers=(exp,), **options) for fn in (scan_forward, scan_backward))
+    return None if forward is None else (forward, backward)
 
 
 def available() -> bool:
@@ -112,19 +114,18 @@ class _SequentialScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C):
         x, dt, A, B, C = (v.detach().float().contiguous() for v in (x, dt, A, B, C))
-        a = torch.exp(dt.unsqueeze(-1) * A)                 # (b, L, d, n)
         y = torch.empty_like(x)
-        _kernels()[0](x.numpy(), dt.numpy(), a.numpy(), B.numpy(), C.numpy(), y.numpy())
-        ctx.save_for_backward(x, dt, a, A, B, C)
+        _kernels()[0](x.numpy(), dt.numpy(), A.numpy(), B.numpy(), C.numpy(), y.numpy())
+        ctx.save_for_backward(x, dt, A, B, C)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, dt, a, A, B, C = ctx.saved_tensors
+        x, dt, A, B, C = ctx.saved_tensors
         gy = gy.float().contiguous()
         gx, gdt = torch.empty_like(x), torch.empty_like(dt)
         gA, gB, gC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
-        _kernels()[1](x.numpy(), dt.numpy(), a.numpy(), A.numpy(), B.numpy(), C.numpy(), gy.numpy(),
+        _kernels()[1](x.numpy(), dt.numpy(), A.numpy(), B.numpy(), C.numpy(), gy.numpy(),
                       gx.numpy(), gdt.numpy(), gA.numpy(), gB.numpy(), gC.numpy())
         return gx, gdt, gA, gB, gC
 

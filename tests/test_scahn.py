@@ -27,8 +27,10 @@ def test_buffer_likelihoods_equal_the_per_output_sums():
     Fb, Gb = torch.tanh(torch.randn(11, 8, generator=g)), torch.tanh(torch.randn(11, 8, generator=g))
     sim, alpha = (torch.rand(5, 11, generator=g) > 0.6).float(), 0.25
     ref = torch.stack([sum(likelihood_loss(h[r] @ X.t() / alpha, sim) for r in range(3)) for X in (Fb, Gb)])
-    out = buffer_likelihoods(h, [Fb, Gb], sim, alpha)
+    both = buffer_likelihoods([h, h.flip(0)], [Fb, Gb], sim, alpha)
+    out = both[0]
     torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(both[1], ref)  # the sums do not depend on the order of the outputs
     weights = torch.tensor([0.3, 1.7])
     torch.testing.assert_close(torch.autograd.grad((out * weights).sum(), h)[0],
                                torch.autograd.grad((ref * weights).sum(), h)[0])
@@ -137,3 +139,18 @@ def test_bad_options_refused():
         make(quantize="both")
     with pytest.raises(ValueError, match="alpha"):
         make(alpha=0.0)
+
+
+def test_softplus_kernel_and_torch_give_the_same_loss_and_bad_value_is_refused():
+    task = structured_task(n_train=40)
+    losses = []
+    for kernel in ("auto", "torch"):
+        model = make(softplus_kernel=kernel)
+        model.begin_task(task, 0)
+        model.begin_epoch(task, 0, 0)
+        model.train()
+        losses.append(model.loss(batch_of(task.train, torch.arange(16)), 0))
+    for key in losses[1]:
+        torch.testing.assert_close(losses[0][key], losses[1][key], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="softplus_kernel"):
+        make(softplus_kernel="numba")

@@ -14,11 +14,12 @@ import contextlib
 import sys
 import functools
 import threading
-import types
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
+
+from common.jit import njit
 
 from . import cpu
 from .queries import AveragePrecision, DistanceCounts, Query, RelevantInTop
@@ -200,19 +201,11 @@ def engine() -> Optional[Engine]:
     error_model="numpy": no zero-division checks (every divisor is a rank >= 1), which
     lets LLVM vectorise the loops.
     """
-    try:
-        import numba
-    except ImportError:
+    kernel = njit(rank_kernel, replace={"_prange": "prange"}, parallel=True, nogil=True, error_model="numpy")
+    if kernel is None:
         return None
-    g = dict(rank_kernel.__globals__)
-    g["_prange"] = numba.prange
-    fn = types.FunctionType(rank_kernel.__code__, g, rank_kernel.__name__)
-    fn.__qualname__ = rank_kernel.__qualname__
-    options = dict(parallel=True, nogil=True, error_model="numpy")
-    try:
-        kernel = numba.njit(cache=True, **options)(fn)
-    except RuntimeError:  # no writable cache location: compile in every process instead
-        kernel = numba.njit(**options)(fn)
+    import numba
+
     return Engine(numba, kernel, threading.Lock())
 
 

@@ -1,0 +1,89 @@
+"""The softplus row-sum kernel, the polynomials it is built from, and the compile helper."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import jit, vector_math
+from models import softplus_kernel
+from models.softplus_kernel import product_softplus_row_sums
+
+needs_kernel = pytest.mark.skipif(softplus_kernel._kernel() is None, reason="numba is not installed")
+ONE = torch.ones(1, 1)
+
+
+def test_exp_and_log1p_unit_against_numpy_uncompiled():
+    x = np.linspace(-708.0, 708.0, 4001)
+    got = np.array([vector_math.exp(v) for v in x])
+    np.testing.assert_allclose(got, np.exp(x), rtol=1e-13, atol=0)
+    assert vector_math.exp(-800.0) == vector_math.exp(-708.0) > 0  # clamped, not underflowed
+    assert np.isfinite(vector_math.exp(800.0))
+    u = np.linspace(0.0, 1.0, 2001)
+    np.testing.assert_allclose([vector_math.log1p_unit(v) for v in u], np.log1p(u), rtol=1e-13, atol=0)
+    assert vector_math.log1p_unit(1e-30) == pytest.approx(1e-30, rel=1e-14)  # no cancellation for tiny u
+
+
+@needs_kernel
+def test_float32_values_are_within_one_rounding_of_the_exact_softplus():
+    x = torch.linspace(-110.0, 110.0, 40001)
+    exact = F.softplus(x.double())
+    got = product_softplus_row_sums(x.view(-1, 1), ONE)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1.2e-7, atol=1e-45)
+
+
+@needs_kernel
+def test_row_sums_and_gradients_equal_torch():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 16, generator=g)
+    H = (torch.randn(40, 16, generator=g) * 2).requires_grad_()
+    up = torch.randn(300, generator=g)
+    got = product_softplus_row_sums(X, H)
+    ref = F.softplus(X @ H.t()).sum(1)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    (gk,) = torch.autograd.grad((got * up).sum(), H)
+    (gr,) = torch.autograd.grad((ref * up).sum(), H)
+    torch.testing.assert_close(gk, gr, rtol=1e-5, atol=1e-5)
+    # both inputs, in float64, against finite differences
+    Xd = X[:6].double().requires_grad_()
+    Hd = H.detach()[:5].double().requires_grad_()
+    assert torch.autograd.gradcheck(product_softplus_row_sums, (Xd, Hd))
+
+
+@needs_kernel
+def test_nan_and_infinities_keep_their_meaning():
+    out = product_softplus_row_sums(torch.tensor([[float("nan")], [float("inf")], [-float("inf")], [0.0]]), ONE)
+    assert torch.isnan(out[0]) and out[1] == float("inf") and out[2] == 0.0
+    assert out[3] == pytest.approx(np.log(2.0), rel=1e-7)
+
+
+@needs_kernel
+def test_bf16_scores_are_computed_in_float32_and_kernel_torch_is_plain_torch():
+    X, H = torch.randn(50, 8), torch.randn(7, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = product_softplus_row_sums(X, H)
+        ref = F.softplus((X @ H.t()).float()).sum(1)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(product_softplus_row_sums(X, H, kernel="torch"), F.softplus(X @ H.t()).sum(1))
+
+
+def test_helper_fingerprint_follows_the_helper_files(tmp_path, monkeypatch):
+    for name, body in (("mod_a", "def f(x):\n    return x + 1\n"), ("mod_b", "def f(x):\n    return x + 2\n")):
+        (tmp_path / f"{name}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mod_a
+    import mod_b
+
+    assert jit._fingerprint([]) == ""
+    assert jit._fingerprint([mod_a.f]) != jit._fingerprint([mod_b.f])
+    assert jit._fingerprint([mod_a.f]) == jit._fingerprint([mod_a.f])
+
+
+def test_njit_is_none_without_numba(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__",
+                        lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "numba" else real(name, *a, **k))
+    assert jit.njit(vector_math.exp) is None
