@@ -31,9 +31,10 @@ def njit(fn: Callable, *, helpers: Iterable[Callable] = (), replace: Optional[Di
     except ImportError:
         return None
     glob = dict(fn.__globals__)
+    inlined = {k: v for k, v in options.items() if k != "parallel"}
+    inlined["inline"] = "always"
     for helper in helpers:
-        own = {k: v for k, v in options.items() if k != "parallel"}
-        glob[helper.__name__] = _compile(numba, helper, dict(own, inline="always"))
+        glob[helper.__name__] = _compile(numba, helper, inlined)
     for name, attribute in (replace or {}).items():
         glob[name] = getattr(numba, attribute)
     bound = types.FunctionType(fn.__code__, glob, fn.__name__, fn.__defaults__)

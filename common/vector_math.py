@@ -16,6 +16,14 @@ LN2_LO = 1.9082149292705877e-10
 EXP_LIMIT = 708.0  # e^+-708 are still normal float64 numbers
 
 
+# Horner coefficients, highest power first: 1/k! for k = 11..0 (Taylor series of e^r),
+# and 1/(2k + 1) for k = 12..0 (series of atanh(s) / s in s^2). numba unrolls a loop
+# over a tuple of floats, so these compile to the same straight-line code as a
+# written-out chain.
+EXP_COEFFS = tuple(1.0 / float(np.prod(np.arange(1, k + 1, dtype=np.float64))) for k in range(11, -1, -1))
+ATANH_COEFFS = tuple(1.0 / (2 * k + 1) for k in range(12, -1, -1))
+
+
 def exp(x):
     """``e^x``, relative error below 1e-14 for ``|x| <= 708``; ``x`` is clamped to that
     range (beyond it float32 is 0 or infinite anyway).
@@ -26,43 +34,18 @@ def exp(x):
     x = min(max(x, -EXP_LIMIT), EXP_LIMIT)
     n = np.floor(x * LOG2E + 0.5)
     r = (x - n * LN2_HI) - n * LN2_LO
-    p = 1.0 / 39916800
-    p = p * r + 1.0 / 3628800
-    p = p * r + 1.0 / 362880
-    p = p * r + 1.0 / 40320
-    p = p * r + 1.0 / 5040
-    p = p * r + 1.0 / 720
-    p = p * r + 1.0 / 120
-    p = p * r + 1.0 / 24
-    p = p * r + 1.0 / 6
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
+    p = 0.0
+    for c in EXP_COEFFS:
+        p = p * r + c
     return p * np.int64((np.int64(n) + 1023) << 52).view(np.float64)
 
 
 def log_ratio(s):
     """``log((1 + s) / (1 - s)) = 2 atanh(s)`` for ``0 <= s <= 1/3``, relative error
-    below 1e-14: the odd series ``2 s (1 + s^2/3 + s^4/5 + ...)`` to ``s^25``."""
+    below 1e-14: the odd series ``2 s (1 + s^2/3 + s^4/5 + ...)`` to ``s^25``. ``log(1 +
+    u)`` is ``log_ratio(u / (2 + u))``, with no cancellation for small ``u``."""
     s2 = s * s
-    q = 1.0 / 25
-    q = q * s2 + 1.0 / 23
-    q = q * s2 + 1.0 / 21
-    q = q * s2 + 1.0 / 19
-    q = q * s2 + 1.0 / 17
-    q = q * s2 + 1.0 / 15
-    q = q * s2 + 1.0 / 13
-    q = q * s2 + 1.0 / 11
-    q = q * s2 + 1.0 / 9
-    q = q * s2 + 1.0 / 7
-    q = q * s2 + 1.0 / 5
-    q = q * s2 + 1.0 / 3
-    q = q * s2 + 1.0
+    q = 0.0
+    for c in ATANH_COEFFS:
+        q = q * s2 + c
     return 2.0 * s * q
-
-
-def log1p_unit(u):
-    """``log(1 + u)`` for ``0 <= u <= 1``, relative error below 1e-14: ``log_ratio`` of
-    ``s = u / (2 + u)`` in ``[0, 1/3]``, with no cancellation for small ``u`` (``s`` is
-    formed from ``u`` directly)."""
-    return log_ratio(u / (2.0 + u))

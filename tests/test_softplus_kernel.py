@@ -12,15 +12,17 @@ needs_kernel = pytest.mark.skipif(softplus_kernel._kernel() is None, reason="num
 ONE = torch.ones(1, 1)
 
 
-def test_exp_and_log1p_unit_against_numpy_uncompiled():
+def test_exp_and_log_ratio_against_numpy_uncompiled():
     x = np.linspace(-708.0, 708.0, 4001)
     got = np.array([vector_math.exp(v) for v in x])
     np.testing.assert_allclose(got, np.exp(x), rtol=1e-13, atol=0)
     assert vector_math.exp(-800.0) == vector_math.exp(-708.0) > 0  # clamped, not underflowed
     assert np.isfinite(vector_math.exp(800.0))
-    u = np.linspace(0.0, 1.0, 2001)
-    np.testing.assert_allclose([vector_math.log1p_unit(v) for v in u], np.log1p(u), rtol=1e-13, atol=0)
-    assert vector_math.log1p_unit(1e-30) == pytest.approx(1e-30, rel=1e-14)  # no cancellation for tiny u
+    u = np.linspace(0.0, 1.0, 2001)  # the kernel's use: log(1 + u) = log_ratio(u / (2 + u))
+    np.testing.assert_allclose([vector_math.log_ratio(v / (2.0 + v)) for v in u], np.log1p(u), rtol=1e-13, atol=0)
+    assert vector_math.log_ratio(1e-30 / 2.0) == pytest.approx(1e-30, rel=1e-14)  # no cancellation for tiny u
+    s = np.linspace(0.0, 1.0 / 3.0, 2001)
+    np.testing.assert_allclose([vector_math.log_ratio(v) for v in s], 2.0 * np.arctanh(s), rtol=1e-13, atol=0)
 
 
 @needs_kernel
