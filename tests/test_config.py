@@ -5,7 +5,7 @@ import pytest
 
 import main  # noqa: F401  (fills the registries)
 from runners.config import load_config, validate_config
-from utils.config import apply_overrides, parse_override
+from utils.config import apply_overrides, load_yaml_tree, parse_override
 from utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,6 +103,28 @@ def test_base_inheritance_merges_blocks_and_replaces_another_class(tmp_path):
     other = load_config(tmp_path / "other.yaml")
     assert other["optimizer"] == {"name": "sgd", "momentum": 0.9}  # another class: adamw's lr is not inherited
     assert other["model"]["bits"] == 32
+
+
+def test_replace_key_drops_the_inherited_block(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "dataset: {name: synthetic, preset: coco_clip_like_small, scale: 0.25}\n"
+        "model: {name: DSPH, bits: 16, dropout: 0.1, extra: {_replace_: true, a: 0}}\n")
+    (tmp_path / "merged.yaml").write_text("_base_: base.yaml\ndataset: {preset: coco_clip_like}\n")
+    (tmp_path / "replaced.yaml").write_text(
+        "_base_: base.yaml\ndataset: {_replace_: true, name: synthetic, preset: coco_clip_like}\n"
+        "model: {bits: 32, extra: {_replace_: false, a: 1}}\n")
+    merged = load_yaml_tree(tmp_path / "merged.yaml")
+    assert merged["dataset"] == {"name": "synthetic", "preset": "coco_clip_like", "scale": 0.25}
+    replaced = load_yaml_tree(tmp_path / "replaced.yaml")
+    assert replaced["dataset"] == {"name": "synthetic", "preset": "coco_clip_like"}  # no inherited scale
+    assert replaced["model"] == {"name": "DSPH", "bits": 32, "dropout": 0.1, "extra": {"a": 1}}
+    assert load_yaml_tree(tmp_path / "base.yaml")["model"]["extra"] == {"a": 0}  # dropped without a base too
+    (tmp_path / "bad.yaml").write_text("_base_: base.yaml\ndataset: {_replace_: yes please}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: dataset._replace_: expected true or false, got 'yes please'"):
+        load_yaml_tree(tmp_path / "bad.yaml")
+    (tmp_path / "top.yaml").write_text("_base_: base.yaml\n_replace_: true\n")
+    with pytest.raises(ConfigError, match=r"top.yaml: _replace_ belongs inside a block"):
+        load_yaml_tree(tmp_path / "top.yaml")
 
 
 def test_base_errors_name_the_file(tmp_path):

@@ -241,6 +241,7 @@ def check_kwargs(target: Callable, kwargs: Mapping[str, Any], path: str, skip: S
 
 # ---------------------------------------------------------------------- inheritance
 BASE_KEY = "_base_"
+REPLACE_KEY = "_replace_"
 
 
 def load_yaml_tree(path: str | Path, _seen: Tuple[Path, ...] = ()) -> Dict[str, Any]:
@@ -248,7 +249,9 @@ def load_yaml_tree(path: str | Path, _seen: Tuple[Path, ...] = ()) -> Dict[str, 
     paths relative to the file); bases are merged in order, then the file over them.
 
     Merging is by key, recursively, except that a block whose ``name`` differs from the
-    base block's replaces it whole (another class, other keys). A base that includes
+    base block's replaces it whole (another class, other keys), and so does a block that
+    says ``_replace_: true`` (the key itself is dropped): without it, a child that picks
+    another dataset ``preset`` still inherits the base's ``scale``. A base that includes
     itself is refused.
     """
     path = Path(path)
@@ -257,9 +260,10 @@ def load_yaml_tree(path: str | Path, _seen: Tuple[Path, ...] = ()) -> Dict[str, 
         chain = " -> ".join(str(p) for p in (*_seen, here))
         raise ConfigError(f"{path}: {BASE_KEY} includes itself ({chain})")
     data = load_yaml(path)
+    _check_replace_keys(data, path)
     bases = data.pop(BASE_KEY, None)
     if bases is None:
-        return data
+        return _without_replace_keys(data)
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
@@ -277,11 +281,33 @@ def merge_blocks(base: Dict[str, Any], child: Dict[str, Any]) -> Dict[str, Any]:
     """``child`` over ``base`` (see ``load_yaml_tree``); neither input is modified."""
     out = copy.deepcopy(base)
     for key, value in child.items():
+        if key == REPLACE_KEY:  # read by the caller, one level up
+            continue
         old = out.get(key)
+        replace = isinstance(value, dict) and value.get(REPLACE_KEY, False)
         same_class = not (isinstance(old, dict) and isinstance(value, dict)
                           and "name" in value and old.get("name", value["name"]) != value["name"])
-        if isinstance(old, dict) and isinstance(value, dict) and same_class:
+        if isinstance(old, dict) and isinstance(value, dict) and same_class and not replace:
             out[key] = merge_blocks(old, value)
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = _without_replace_keys(value)
     return out
+
+
+def _check_replace_keys(data: Any, path: Path, dotted: str = "") -> None:
+    """Refuse a ``_replace_`` that is not a boolean, naming the file and the block."""
+    if not isinstance(data, dict):
+        return
+    if REPLACE_KEY in data and not dotted:
+        raise ConfigError(f"{path}: {REPLACE_KEY} belongs inside a block (e.g. dataset: {{{REPLACE_KEY}: true, ...}})")
+    if REPLACE_KEY in data and not isinstance(data[REPLACE_KEY], bool):
+        raise ConfigError(f"{path}: {dotted}{REPLACE_KEY}: expected true or false, got {data[REPLACE_KEY]!r}")
+    for key, value in data.items():
+        _check_replace_keys(value, path, f"{dotted}{key}.")
+
+
+def _without_replace_keys(value: Any) -> Any:
+    """A deep copy of ``value`` with every ``_replace_`` key dropped."""
+    if isinstance(value, dict):
+        return {k: _without_replace_keys(v) for k, v in value.items() if k != REPLACE_KEY}
+    return copy.deepcopy(value)
