@@ -58,8 +58,8 @@ def main_() -> None:
             t0 = time.perf_counter()
             res = run_config(cfg, Path(tmp) / method, quiet=True)
             wall = time.perf_counter() - t0
-        train, evals = res["timing"]["train_seconds"], res["timing"]["eval_seconds"]
-        rows.append((method, path.relative_to(ROOT), res["bits"][-1], cfg["runner"]["batch_size"], wall, train, evals,
+        train, evals = res.timing["train_seconds"], res.timing["eval_seconds"]
+        rows.append((method, path.relative_to(ROOT), res.bits[-1], cfg["runner"]["batch_size"], wall, train, evals,
                      train / args.epochs * full_epochs, full_epochs, res.figure("i2t", "acc")))
         print(f"{method}: wall {wall:.1f}s (train {train:.1f}s, eval {evals:.1f}s)", flush=True)
 

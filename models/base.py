@@ -15,7 +15,7 @@ from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
     from common.code_store import CodeStore
-    from dataset.feature_set import Task
+    from dataset.feature_set import FeatureSet, Task
 
 
 @dataclass
@@ -23,7 +23,9 @@ class Batch:
     """A training batch: row slices of a task's train split.
 
     ``index`` holds the rows' positions in that train split, so a model can keep
-    train-set-sized buffers (e.g. continuous codes of every train sample).
+    train-set-sized buffers (e.g. continuous codes of every train sample). ``source`` is
+    the feature set the rows were read from when the batch is exactly its rows ``index``
+    (``Batch.rows``), None for a batch assembled otherwise (e.g. mixed with replayed rows).
     """
 
     image: torch.Tensor
@@ -32,9 +34,20 @@ class Batch:
     index: torch.Tensor
     image_layers: Optional[torch.Tensor] = None
     text_layers: Optional[torch.Tensor] = None
+    source: Optional["FeatureSet"] = None
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
+
+    @classmethod
+    def rows(cls, fs: "FeatureSet", index: torch.Tensor) -> "Batch":
+        """The rows ``index`` of ``fs`` (``index_select``: the same rows as ``fs.image[index]``,
+        several times cheaper per step on CPU), with ``source`` set to ``fs``."""
+        def pick(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if x is None else x.index_select(0, index)
+
+        return cls(image=pick(fs.image), text=pick(fs.text), labels=pick(fs.labels), index=index,
+                   image_layers=pick(fs.image_layers), text_layers=pick(fs.text_layers), source=fs)
 
 
 class HashModel(nn.Module):

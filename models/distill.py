@@ -7,7 +7,8 @@ and the teacher's continuous codes, in both modalities, over the teacher's bits 
 model that grows its code keeps its old bits close), both encoded under the teacher's
 task (LwF's old-head outputs on new data). No old sample is kept, only the
 old model: the standard Learning-without-Forgetting baseline of continual learning,
-applied to codes instead of class logits.
+applied to codes instead of class logits. The teacher's codes of the train rows are
+computed once per task (``models/row_cache.py``), not in every step.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from common.register import MODELS
 from models.base import Batch
+from models.row_cache import TeacherRows
 from models.strategy import BASE_BLOCK, StrategyWrapper
 
 
@@ -40,6 +42,7 @@ class Distill(StrategyWrapper):
         self.weight = float(weight)
         self.teacher = None
         self.teacher_task: Optional[int] = None
+        self._targets = TeacherRows()  # the teacher's codes per train row, once per task
 
     def _freeze_copy(self) -> None:
         self.teacher = copy.deepcopy(self.base)
@@ -57,9 +60,7 @@ class Distill(StrategyWrapper):
         parts = self.base.loss(batch, task_index)
         if self.teacher is None:
             return parts
-        with torch.no_grad():
-            old_image = self.teacher.encode_image(batch.image, self.teacher_task, batch.image_layers)
-            old_text = self.teacher.encode_text(batch.text, self.teacher_task, batch.text_layers)
+        old_image, old_text = self._targets(batch, self._teacher_codes)
         # The student is read under the teacher's task too: for a task-conditioned base
         # (prompts, heads) that is the mapping the stored codes of the earlier tasks came
         # from, which is what the term protects; a task-agnostic base ignores the index.
@@ -69,6 +70,15 @@ class Distill(StrategyWrapper):
         parts["distill"] = self.weight * (F.mse_loss(new_image, old_image) + F.mse_loss(new_text, old_text))
         parts["loss"] = parts["loss"] + parts["distill"]
         return parts
+
+    def _teacher_codes(self, batch: Batch):
+        """The teacher's continuous codes of the batch, image and text, under its task."""
+        return (self.teacher.encode_image(batch.image, self.teacher_task, batch.image_layers),
+                self.teacher.encode_text(batch.text, self.teacher_task, batch.text_layers))
+
+    def begin_task(self, task, task_index: int) -> None:
+        super().begin_task(task, task_index)
+        self._targets.reset(task.train if self.teacher is not None else None)
 
     def end_task(self, task, task_index: int, store) -> None:
         super().end_task(task, task_index, store)

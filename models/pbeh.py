@@ -37,7 +37,8 @@ Deviations from the public code, each on purpose:
   earlier task k, the current nets' outputs for the batch under task k's pool (first
   ``K_k`` outputs, renormalised, as the prompt anchor) are pulled towards the copy's
   (mean squared difference, averaged over the earlier tasks and summed over the
-  modalities). The prompt anchor holds a few prompt codes per task; this term holds the
+  modalities); the copy's outputs are computed once per task for every train row
+  (``models/row_cache.py``), not in every step. The prompt anchor holds a few prompt codes per task; this term holds the
   codes the current samples would get under the old pools, which lets later tasks train
   at the full rate (notes/continual_methods.md).
 - The supervised contrastive term counts the anchor among its own positives and in
@@ -83,6 +84,7 @@ from models.base import Batch, HashModel
 from models.prompts import (
     PromptBank, PromptCrossAttention, common_width, input_projection, prompt_similarity, top_prompts, zero_biases,
 )
+from models.row_cache import TeacherRows
 from utils.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -231,6 +233,7 @@ class PBEH(HashModel):
         # The nets as they were when the current task began (lwf_weight > 0 only); a plain
         # list, so the copy is neither a submodule nor part of the checkpoint.
         self._previous: List[nn.Module] = []
+        self._lwf_targets = TeacherRows()  # that copy's outputs per train row, once per task
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -319,6 +322,7 @@ class PBEH(HashModel):
         self._freeze(keep_last=True)
         self.bit_history.append(self.bits)
         self._previous = [self._frozen_nets()] if self.weights["lwf"] and task_index >= 1 else []
+        self._lwf_targets.reset(task.train if self._previous else None)
 
     def _frozen_nets(self) -> nn.Module:
         """A frozen copy of the attention and hash nets (the teacher of the LwF term)."""
@@ -397,29 +401,42 @@ class PBEH(HashModel):
                 anchor = anchor + L.anchor_l1(current, saved)
             parts["anchor"] = anchor
         if self._previous and t >= 1:
-            parts["lwf"] = self._lwf(xv, xt, t)
+            parts["lwf"] = self._lwf(batch, xv, xt, t)
         weighted = {k: self.weights[k] * v for k, v in parts.items()}
         weighted["loss"] = sum(weighted.values())
         return weighted
 
-    def _lwf(self, xv: torch.Tensor, xt: torch.Tensor, t: int) -> torch.Tensor:
+    def _lwf(self, batch: Batch, xv: torch.Tensor, xt: torch.Tensor, t: int) -> torch.Tensor:
         """Mean over the earlier tasks k of the squared difference between the current and
         the frozen nets' outputs for this batch under pool k (first ``K_k`` outputs,
-        renormalised), both modalities."""
-        old = self._previous[0]
-        if old.image_net.last.weight.device != xv.device:  # the model moved after begin_task
-            old.to(xv.device)
+        renormalised), both modalities. The frozen outputs are a fixed function of each
+        sample within the task (the copy, the earlier pools and, from task 2 on, the input
+        projections are frozen), so they come from ``TeacherRows``: one pass over the train
+        split per task instead of a teacher forward per step."""
+        targets = self._lwf_targets(batch, lambda rows: self._lwf_teacher(rows, t))
         total = xv.new_zeros(())
         for k in range(t):
             pool, bits = self.prompts[k], self.anchor_bits[k]
-            for x, attn, net, name in ((xv, self.image_attn, self.image_net, "image"),
-                                       (xt, self.text_attn, self.text_net, "text")):
-                with torch.no_grad():
-                    z_old = self._enhance(x, pool, old[f"{name}_attn"])
-                    target = F.normalize(old[f"{name}_net"].logits(z_old)[:, :bits], dim=1)
+            for x, attn, net, target in ((xv, self.image_attn, self.image_net, targets[2 * k]),
+                                         (xt, self.text_attn, self.text_net, targets[2 * k + 1])):
                 z = self._enhance(x, pool, attn)
                 total = total + F.mse_loss(F.normalize(net.logits(z)[:, :bits], dim=1), target)
         return total / t
+
+    def _lwf_teacher(self, batch: Batch, t: int) -> List[torch.Tensor]:
+        """The frozen nets' renormalised first ``K_k`` outputs of the batch under each
+        earlier pool k: image then text, for k = 0 .. t - 1."""
+        old = self._previous[0]
+        xv, xt = self.image_in(batch.image), self.text_in(batch.text)
+        if old.image_net.last.weight.device != xv.device:  # the model moved after begin_task
+            old.to(xv.device)
+        out = []
+        for k in range(t):
+            pool, bits = self.prompts[k], self.anchor_bits[k]
+            for x, name in ((xv, "image"), (xt, "text")):
+                z_old = self._enhance(x, pool, old[f"{name}_attn"])
+                out.append(F.normalize(old[f"{name}_net"].logits(z_old)[:, :bits], dim=1))
+        return out
 
     def param_groups(self, task_index: int) -> List[Dict[str, Any]]:
         """Hash nets and attention at ``lr`` on the first task and ``later_lr_scale * lr``

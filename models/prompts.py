@@ -106,7 +106,13 @@ class PromptCrossAttention(nn.Module):
         q = F.linear(x, w_q, b_q).view(B, H, 1, D // H)
         k, v = F.linear(tokens, w_kv, b_kv).chunk(2, dim=-1)          # (..., L, D) each, once per token
         if index is not None:
-            k, v = k[index], v[index]       # (B, L, D): each sample's stack, or the pool rows it reads
+            # (B, L, D): each sample's stack, or the pool rows it reads. index_select, not
+            # k[index]: the backward of advanced indexing (an accumulating index_put) sums
+            # in a thread-dependent order on CPU with more than one thread, so gradients,
+            # and every number after them, changed from run to run; index_add sums in
+            # index order (bit-identical to k[index] on one thread).
+            rows = index.reshape(-1)
+            k, v = k.index_select(0, rows).view(B, -1, D), v.index_select(0, rows).view(B, -1, D)
         elif tokens.dim() == 2:
             k, v = k.unsqueeze(0), v.unsqueeze(0)
         L = k.shape[-2]

@@ -54,8 +54,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where config.yaml, train.log, tensorboard/, checkpoints/, codes.npz, results.json "
                              "and results.csv go (default: outputs/<METHOD>/<config name>); a folder holding a "
                              "run is only continued with --resume or replaced with --overwrite")
-    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override config keys, values parsed as YAML, e.g. --set runner.epochs=5 model.bits=32")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys, values parsed as YAML, e.g. --set runner.epochs=5 model.bits=32; "
+                             "may be repeated (every --set applies, in order: a key given twice takes the later value)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --output-dir after its last finished task (same config required); "
                              "the results equal those of an uninterrupted run")

@@ -141,9 +141,10 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="outputs/compare", metavar="DIR",
                         help="where comparison.md, comparison.csv, runs.csv, paired.csv, the PNG plots and "
                              "runs/<METHOD>_<config>/ go (default: outputs/compare)")
-    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override keys in every config, e.g. --set runner.epochs=5")
-    parser.add_argument("--seeds", nargs="+", type=int, metavar="S",
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override keys in every config, e.g. --set runner.epochs=5; may be repeated (every "
+                             "--set applies, in order)")
+    parser.add_argument("--seeds", nargs="+", action="extend", type=int, metavar="S",
                         help="run every config once per seed (runner.seed=S) and report mean +/- std; "
                              "default: each config's own runner.seed")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",

@@ -332,7 +332,7 @@ class ContinualRunner:
         takes its slice of each global batch; DDP averages the gradients."""
         local = idx.tensor_split(self._dist.world_size)[self._dist.rank] if self._dist.enabled else idx
         with self._autocast(train.image.device):
-            losses = module(self.batch(train, local), task_index)
+            losses = module(Batch.rows(train, local), task_index)
         for o in opt.optimizers:
             o.zero_grad(set_to_none=True)
         total = losses["loss"]
@@ -356,16 +356,6 @@ class ContinualRunner:
         for buffer in model.train_buffers():
             sync_rows(buffer, idx, self._dist)
         return {k: v.detach() for k, v in losses.items()}
-
-    @staticmethod
-    def batch(fs: FeatureSet, idx: torch.Tensor) -> Batch:
-        """The rows ``idx`` of a feature set as a training batch (``index_select``: the
-        same rows as ``fs.image[idx]``, several times cheaper per step on CPU)."""
-        def rows(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if x is None else x.index_select(0, idx)
-
-        return Batch(image=rows(fs.image), text=rows(fs.text), labels=rows(fs.labels), index=idx,
-                     image_layers=rows(fs.image_layers), text_layers=rows(fs.text_layers))
 
     def _check_finite(self, record: Dict[str, float], t: int, epoch: int, output: RunOutput) -> None:
         bad = [k for k, v in record.items() if not math.isfinite(v)]

@@ -30,7 +30,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ties", choices=("index", "average"), default="index",
                         help="tie order inside equal Hamming distances: ascending database index (default) or the "
                              "tie-aware expectation over all orders")
-    parser.add_argument("--precision-at", type=int, nargs="+", default=[], metavar="N",
+    parser.add_argument("--precision-at", type=int, nargs="+", action="extend", default=[], metavar="N",
                         help="also report precision@N for these N")
     parser.add_argument("--pr-curve", action="store_true", help="also report precision / recall by Hamming radius")
     parser.add_argument("--output", metavar="FILE.json", help="write the figures to this JSON file (atomically)")

@@ -27,7 +27,7 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--after-task", type=int, metavar="T",
                         help="index the codes stored up to task T (1-based) and search with the model after T "
                              "(default: the last finished task)")
-    parser.add_argument("--modalities", nargs="+", choices=MODALITIES, default=list(MODALITIES),
+    parser.add_argument("--modalities", nargs="+", action="extend", choices=MODALITIES,
                         help="which stored codes to index: image codes serve text queries, text codes serve image "
                              "queries (default: both)")
     g = parser.add_argument_group("index parameters (default: chosen from the number of codes; see the manifest)")
@@ -68,7 +68,7 @@ def run_index(args: argparse.Namespace) -> int:
     run = _load_run(args.run_dir, args.after_task)
     out = Path(args.output) if args.output else Path(args.run_dir) / DEFAULT_INDEX
     given = {k: v for k, v in _index_params(args).items() if v is not None}
-    indexes = export_store(run.store, args.kind, given, modalities=list(dict.fromkeys(args.modalities)))
+    indexes = export_store(run.store, args.kind, given, modalities=list(dict.fromkeys(args.modalities or MODALITIES)))
     source = {
         "run_dir": str(Path(args.run_dir).resolve()),
         "after_task": run.task,

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 import torch
 
 from dataset.feature_set import FeatureSet, Task
-from models.base import HashModel, sign_codes
+from models.base import Batch, HashModel, sign_codes
 from runners.continual import ContinualRunner, OptimSpec
 from runners.optim import build_optimizers as runner_optimizers
 
@@ -43,7 +43,7 @@ def structured_task(num_classes: int = 4, image_dim: int = 20, text_dim: int = 1
                 database=make(n_db, 4), classes=tuple(range(num_classes)))
 
 
-batch_of = ContinualRunner.batch
+batch_of = Batch.rows
 
 
 ADAMW = {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0}

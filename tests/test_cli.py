@@ -76,3 +76,27 @@ def test_no_traceback_in_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "optimizer.lr: expected float, got str 'fast'" in proc.stderr
+
+
+def test_every_set_flag_applies_in_order():
+    """``--set`` may be repeated: each one's keys apply (an earlier one is not dropped),
+    and a key given twice takes the later value; the same holds for ``compare``."""
+    import argparse
+
+    from runners.cli import add_train_arguments
+    from runners.compare import add_compare_arguments
+    from runners.config import read_config
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(["--config-file", DEMO, "--set", "runner.num_threads=1", "runner.epochs=3",
+                              "--set", "model.bits=32", "--set", "runner.epochs=4"])
+    assert args.overrides == ["runner.num_threads=1", "runner.epochs=3", "model.bits=32", "runner.epochs=4"]
+    cfg = read_config(args.config_file, args.overrides)
+    assert (cfg["runner"]["num_threads"], cfg["runner"]["epochs"], cfg["model"]["bits"]) == (1, 4, 32)
+
+    parser = argparse.ArgumentParser()
+    add_compare_arguments(parser)
+    args = parser.parse_args(["--config-file", DEMO, "--set", "runner.epochs=1", "--set", "model.bits=8",
+                              "--seeds", "1", "2", "--seeds", "3"])
+    assert args.overrides == ["runner.epochs=1", "model.bits=8"] and args.seeds == [1, 2, 3]

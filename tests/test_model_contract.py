@@ -5,8 +5,9 @@ Each model is trained for a few steps through the runner's own ``train_epoch`` o
 tiny two-task synthetic stream, then checked: codes of a sample never depend on its
 batch-mates or on the other modality, every trainable parameter gets a gradient and
 an optimiser, ``structure`` / ``build_structure`` rebuild a checkpoint exactly, the
-same seed gives the same codes and another seed other codes, and a run interrupted in
-its second task and resumed ends with the numbers of an uninterrupted one.
+same seed gives the same codes and another seed other codes, a step's gradients are
+bit-identical from call to call on two threads (on 512-d features), and a run
+interrupted in its second task and resumed ends with the numbers of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from common.code_store import CodeStore
 from common.register import MODELS
-from conftest import build_model, tiny_config
+from conftest import TINY_STREAM, build_model, tiny_config
 from hash_model_checks import assert_every_parameter_gets_gradient
 from runners import continual
 from runners.continual import ContinualRunner, OptimSpec
@@ -108,6 +109,45 @@ def test_same_seed_same_codes_other_seed_other_codes(name, tiny_stream):
     for m in a:
         assert torch.equal(a[m], b[m]), m
     assert any(not torch.equal(a[m], c[m]) for m in a)
+
+
+@pytest.fixture(scope="module")
+def wide_stream():
+    """The tiny stream with CLIP-wide (512-d) features: big enough that torch splits a
+    step's operators over threads, which the tiny stream's are not."""
+    from common.register import DATASETS
+
+    kwargs = {k: v for k, v in TINY_STREAM.items() if k != "name"}
+    kwargs.update(image_dim=512, text_dim=512, train_size=64, database_size=96)
+    return DATASETS.get("synthetic")(**kwargs).load()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_are_bit_identical_on_two_threads(name, wide_stream):
+    """One batch's loss and gradients, computed three times on two torch threads, are
+    bit-identical: no operator of a step sums in a thread-dependent order, so a seeded
+    run gives the same numbers at any thread count, not only at one."""
+    from models.base import Batch
+
+    task = wide_stream.tasks[0]
+    model = build_model(name, wide_stream)
+    model.begin_task(task, 0)
+    model.fit(task, 0)
+    model.begin_epoch(task, 0, 0)
+    model.train()
+    if not any(p.requires_grad for p in model.parameters()):
+        pytest.skip(f"{name} has no trainable parameters")
+    batch = Batch.rows(task.train, torch.arange(len(task.train)))
+    torch.set_num_threads(2)  # the autouse fixture puts back one thread afterwards
+    runs = []
+    for _ in range(3):
+        torch.manual_seed(0)   # the same dropout masks each time
+        model.zero_grad(set_to_none=True)
+        loss = model(batch, 0)["loss"]
+        loss.backward()
+        runs.append({"loss": loss.detach(), **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}})
+    for other in runs[1:]:
+        assert [k for k in runs[0] if not torch.equal(runs[0][k], other[k])] == []
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -12,7 +12,7 @@ import models  # noqa: F401  (registers the models)
 from common.code_store import CodeStore
 from common.register import MODELS
 from models import losses as L
-from models.base import sign_codes
+from models.base import Batch, sign_codes
 from models.pbeh import PBEH, count_far_from_centre, majority_centre
 from models.prompts import PromptCrossAttention, top_prompts
 from utils.config import check_kwargs
@@ -233,6 +233,42 @@ def test_pooled_attention_against_brute_force():
         attn(x, torch.randn(2, 7, 6), index)
 
 
+def test_attention_gradients_are_reproducible_on_two_threads():
+    """The backward of the pool read sums each row's gradient in a fixed order: the same
+    inputs give bit-identical gradients every time on two torch threads (advanced indexing
+    ``k[index]`` did not: its accumulating backward changed from call to call), and on one
+    thread the same gradients as ``k[index]``."""
+    torch.manual_seed(0)
+    attn = PromptCrossAttention(256, heads=8)
+    x, pool = torch.randn(64, 256), torch.randn(40, 256, requires_grad=True)
+    index = top_prompts(x, pool, 5)
+    upstream = torch.randn(64, 256)
+
+    def grads():
+        attn.zero_grad(set_to_none=True)
+        pool.grad = None
+        (attn(x, pool, index) * upstream).sum().backward()
+        return [pool.grad.clone(), attn.attn.in_proj_weight.grad.clone()]
+
+    torch.set_num_threads(2)  # the autouse fixture puts back one thread afterwards
+    first = grads()
+    for _ in range(10):
+        assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+    torch.set_num_threads(1)
+    mine = grads()
+    attn.zero_grad(set_to_none=True)
+    pool.grad = None
+    D = 256
+    w_q, w_kv = attn.attn.in_proj_weight.split([D, 2 * D])
+    b_q, b_kv = attn.attn.in_proj_bias.split([D, 2 * D])
+    q = torch.nn.functional.linear(x, w_q, b_q).view(64, 8, 1, D // 8)
+    k, v = torch.nn.functional.linear(pool, w_kv, b_kv).chunk(2, dim=-1)
+    k, v = (t[index].view(64, 5, 8, D // 8).transpose(1, 2) for t in (k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    (attn.attn.out_proj(out.reshape(64, D)) * upstream).sum().backward()
+    assert torch.equal(mine[0], pool.grad) and torch.equal(mine[1], attn.attn.in_proj_weight.grad)
+
+
 def test_attention_reads_the_sample_and_trains_queries_and_keys(stream):
     """Over several prompts the attention output depends on x and W_q / W_k get a
     gradient; the single-prompt form of the paper (prompt_top_k 1) gives neither."""
@@ -341,6 +377,28 @@ def test_lwf_term_holds_old_task_codes_and_stays_out_of_the_checkpoint(stream):
     assert drift[(50.0, "params")] == drift[(0.0, "params")]  # the copy adds no parameter
     with pytest.raises(ConfigError, match="model.lwf_weight"):
         build(lwf_weight=-1.0)
+
+
+def test_lwf_targets_come_from_one_pass_over_the_train_split(stream):
+    """The frozen copy's outputs are read from a per-task table for runner batches; the
+    term equals the per-batch teacher's (a hand-built batch of the same rows) up to float
+    rounding, with and without the table, on the second and third tasks."""
+    torch.manual_seed(0)
+    model, store = build(lwf_weight=10.0), CodeStore()
+    for t in range(3):
+        task = stream.tasks[t]
+        train_task(model, task, t, steps=5)
+        if t:
+            idx = torch.arange(0, len(task.train), 3)
+            runner_batch = Batch.rows(task.train, idx)
+            hand_built = Batch(image=runner_batch.image, text=runner_batch.text, labels=runner_batch.labels,
+                               index=idx)
+            cached = model.loss(runner_batch, t)["lwf"]
+            direct = model.loss(hand_built, t)["lwf"]
+            assert cached.item() > 0
+            torch.testing.assert_close(cached, direct)
+            assert len(model._lwf_targets._table) == 2 * t  # image and text under each earlier pool
+        finish_task(model, task, t, store)
 
 
 def test_resume_with_the_lwf_term_equals_uninterrupted(tmp_path, monkeypatch):

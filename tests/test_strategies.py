@@ -9,7 +9,7 @@ import torch
 import main  # noqa: F401  (fills the registries)
 from common.code_store import CodeStore
 from dataset.synthetic import SyntheticDataset
-from models.base import sign_codes
+from models.base import Batch, sign_codes
 from runners.continual import ContinualRunner
 from runners.experiment import load_run, run_config
 from runners.config import build, validate_config
@@ -129,7 +129,7 @@ def test_distill_reads_a_task_conditioned_student_under_the_teachers_task():
     model.begin_task(stream.tasks[1], 1)
     model.train()
     train = stream.tasks[1].train
-    batch = ContinualRunner.batch(train, torch.arange(16))
+    batch = Batch.rows(train, torch.arange(16))
     assert model.loss(batch, 1)["distill"].item() == 0.0
     # the new task's own pool differs from the old one: reading the student under task 2
     # would have given a positive term
