@@ -6,7 +6,7 @@ import torch
 
 from common.register import MODELS
 from models.base import Batch
-from models.dcmht import DCMHT, margin_distance_loss, squared_distances
+from models.dcmht import DCMHT, SoftmaxHashHead, margin_distance_loss, squared_distances
 from hash_model_checks import (
     assert_finite_loss, batch_of, retrieval_map, structured_task, train,
 )
@@ -40,6 +40,31 @@ def test_width_not_divisible_by_heads_is_accepted():
     model = MODELS.get("DCMHT")(image_dim=240, text_dim=76, num_classes=10, bits=16, heads=8)
     model.eval()
     assert model.encode_text(torch.randn(3, 76)).shape == (3, 16)
+
+
+def test_attention_block_is_nn_multihead_attention_over_one_token():
+    """``attend`` (out_proj of the value projection) is ``nn.MultiheadAttention`` on the
+    one-token sequence: the same outputs and the same gradients of every parameter that
+    reaches the output (value rows, out_proj), bit for bit on one thread; the query / key
+    rows, which cannot change the output, get an exact zero gradient."""
+    torch.manual_seed(0)
+    head = SoftmaxHashHead(64, 8, heads=8).train()
+    x, up = torch.randn(32, 64), torch.randn(32, 64)
+    mha = head.attention
+    seq = x.unsqueeze(1)
+    ref, _ = mha(seq, seq, seq, need_weights=False)
+    (ref.squeeze(1) * up).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in mha.named_parameters()}
+    head.zero_grad(set_to_none=True)
+    out = head.attend(x)
+    (out * up).sum().backward()
+    assert torch.equal(out, ref.squeeze(1))
+    for name, p in mha.named_parameters():
+        if name.startswith("in_proj"):
+            assert torch.equal(p.grad[128:], ref_grads[name][128:]), name
+            assert not p.grad[:128].any() and ref_grads[name][:128].abs().max() < 1e-5, name
+        else:
+            assert torch.equal(p.grad, ref_grads[name]), name
 
 
 def test_margin_loss_matches_a_loop():
