@@ -38,9 +38,9 @@ Deviations from the public code, each on purpose:
   ``K_k`` outputs, renormalised, as the prompt anchor) are pulled towards the copy's
   (mean squared difference, averaged over the earlier tasks and summed over the
   modalities); the copy's outputs are computed once per task for every train row
-  (``models/row_cache.py``), not in every step. The prompt anchor holds a few prompt codes per task; this term holds the
-  codes the current samples would get under the old pools, which lets later tasks train
-  at the full rate (notes/continual_methods.md).
+  (``models/row_cache.py``), not in every step. The prompt anchor holds a few prompt
+  codes per task; this term holds the codes the current samples would get under the old
+  pools, which lets later tasks train at the full rate (notes/continual_methods.md).
 - The supervised contrastive term counts the anchor among its own positives and in
   the denominator, as the public code does (``contrastive_self: false`` gives
   Khosla et al.'s form, anchor excluded).
@@ -410,8 +410,8 @@ class PBEH(HashModel):
         """Mean over the earlier tasks k of the squared difference between the current and
         the frozen nets' outputs for this batch under pool k (first ``K_k`` outputs,
         renormalised), both modalities. The frozen outputs are a fixed function of each
-        sample within the task (the copy, the earlier pools and, from task 2 on, the input
-        projections are frozen), so they come from ``TeacherRows``: one pass over the train
+        sample within the task (the copy, the earlier pools and, from the second task on, the
+        input projections are frozen), so they come from ``TeacherRows``: one pass over the train
         split per task instead of a teacher forward per step."""
         targets = self._lwf_targets(batch, lambda rows: self._lwf_teacher(rows, t))
         total = xv.new_zeros(())

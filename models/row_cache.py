@@ -59,4 +59,3 @@ class TeacherRows:
                 index = torch.arange(start, min(n, start + self.chunk), device=rows.image.device)
                 parts.append(tuple(teacher(Batch.rows(rows, index))))
         return tuple(torch.cat(columns) for columns in zip(*parts))
-

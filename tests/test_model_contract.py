@@ -19,6 +19,7 @@ import torch
 
 from common.code_store import CodeStore
 from common.register import MODELS
+from models.base import Batch
 from conftest import TINY_STREAM, build_model, tiny_config
 from hash_model_checks import assert_every_parameter_gets_gradient
 from runners import continual
@@ -127,8 +128,6 @@ def test_gradients_are_bit_identical_on_two_threads(name, wide_stream):
     """One batch's loss and gradients, computed three times on two torch threads, are
     bit-identical: no operator of a step sums in a thread-dependent order, so a seeded
     run gives the same numbers at any thread count, not only at one."""
-    from models.base import Batch
-
     task = wide_stream.tasks[0]
     model = build_model(name, wide_stream)
     model.begin_task(task, 0)
