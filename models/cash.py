@@ -226,19 +226,27 @@ class CASH(HashModel):
             raise ValueError(f"CASH has {self.num_tasks} task(s); task index {task_index} is out of range")
 
     # ------------------------------------------------------------------ forward pieces
-    def _pair_forward(self, image: torch.Tensor, text: torch.Tensor, t: int) -> Dict[str, torch.Tensor]:
-        """The training-form forward of a paired batch under task t's prompt and head
-        (one mask from the mean of both attention outputs), plus the cross-branch
-        outputs used by the distillation term."""
+    def _pair_inputs(self, image: torch.Tensor, text: torch.Tensor, t: int) -> Dict[str, torch.Tensor]:
+        """The gated, prompt-enhanced inputs ``zv``, ``zt`` of a paired batch under task
+        t's prompt and head, their head logits and the pair's mask (one mask from the mean
+        of both attention outputs): what every training-form output starts from."""
         xv, xt = self.image_in(image), self.text_in(text)
         head = self.task_heads[t]
         pv_bank, pt_bank = self._banks()
         gv_logit, gt_logit = head(xv), head(xt)
         av = self.attention(xv, pv_bank[t])
         at = self.attention(xt, pt_bank[t])
-        zv = xv + torch.sigmoid(gv_logit) * av
-        zt = xt + torch.sigmoid(gt_logit) * at
-        m = torch.tanh(self.mask_net((av + at) / 2))
+        return {
+            "xv": xv, "xt": xt, "gv_logit": gv_logit, "gt_logit": gt_logit,
+            "zv": xv + torch.sigmoid(gv_logit) * av, "zt": xt + torch.sigmoid(gt_logit) * at,
+            "mask": torch.tanh(self.mask_net((av + at) / 2)),
+        }
+
+    def _pair_forward(self, image: torch.Tensor, text: torch.Tensor, t: int) -> Dict[str, torch.Tensor]:
+        """The training-form forward of a paired batch (``_pair_inputs``), plus the
+        cross-branch outputs used by the distillation term."""
+        out = self._pair_inputs(image, text, t)
+        zv, zt, m = out.pop("zv"), out.pop("zt"), out["mask"]
         # Every branch sees both modalities (its own, and the other's for distillation):
         # one call on the stacked rows [zv; zt], row by row the same function as two
         # calls, with twice the rows per matmul and one weight gradient instead of a sum
@@ -249,13 +257,35 @@ class CASH(HashModel):
         cv, ct_x = self.image_coarse(z).split(n)
         fv_x, ft = self.text_fine(z).split(n)
         cv_x, ct = self.text_coarse(z).split(n)
-        return {
-            "xv": xv, "xt": xt, "gv_logit": gv_logit, "gt_logit": gt_logit, "mask": m,
+        out.update({
             "fv": fv, "cv": cv, "ft": ft, "ct": ct,
             "hv": select_bits(fv, cv, m), "ht": select_bits(ft, ct, m),
             "fv_x": fv_x, "cv_x": cv_x, "ft_x": ft_x, "ct_x": ct_x,
             "hv_x": select_bits(fv_x, cv_x, m), "ht_x": select_bits(ft_x, ct_x, m),
-        }
+        })
+        return out
+
+    @torch.no_grad()
+    def _pair_codes(self, task: "Task", t: int, chunk: int = 4096) -> Dict[str, torch.Tensor]:
+        """Training-form coarse and selected codes ``cv``, ``ct``, ``hv``, ``ht`` of every
+        train pair of ``task`` under task t, in eval mode: the values ``_pair_forward``
+        gives, without its cross-branch outputs (half of the branch work)."""
+        was_training = self.training
+        self.eval()
+        device = self._device()
+        parts: Dict[str, List[torch.Tensor]] = {key: [] for key in ("cv", "ct", "hv", "ht")}
+        train = task.train
+        for start in range(0, len(train), chunk):
+            sl = slice(start, start + chunk)
+            out = self._pair_inputs(train.image[sl].to(device), train.text[sl].to(device), t)
+            zv, zt, m = out["zv"], out["zt"], out["mask"]
+            cv, ct = self.image_coarse(zv), self.text_coarse(zt)
+            parts["cv"].append(cv)
+            parts["ct"].append(ct)
+            parts["hv"].append(select_bits(self.image_fine(zv), cv, m))
+            parts["ht"].append(select_bits(self.text_fine(zt), ct, m))
+        self.train(was_training)
+        return {key: torch.cat(v) if v else torch.zeros(0, self.bits, device=device) for key, v in parts.items()}
 
     def _encode(self, modality: str, features: torch.Tensor, task_index: Optional[int]) -> torch.Tensor:
         """Eval-form encoding of one modality: the sample's own attention output drives
@@ -325,43 +355,22 @@ class CASH(HashModel):
         if self.bank_hash_image.shape[0] != len(task.train):
             self._fill_banks(task)
 
-    @torch.no_grad()
-    def _fill_banks(self, task: "Task", chunk: int = 4096) -> None:
+    def _fill_banks(self, task: "Task") -> None:
         """Code banks of the coarse loss: the current model's training-form codes of
         every train sample, refreshed batch by batch during training."""
-        t = self.num_tasks - 1
-        device = self._device()
-        was_training = self.training
-        self.eval()
-        parts: Dict[str, List[torch.Tensor]] = {name: [] for name in BANKS}
-        train = task.train
-        for start in range(0, len(train), chunk):
-            sl = slice(start, start + chunk)
-            out = self._pair_forward(train.image[sl].to(device), train.text[sl].to(device), t)
-            for name, key in zip(BANKS, ("cv", "ct", "hv", "ht")):
-                parts[name].append(out[key])
-        self.train(was_training)
-        for name in BANKS:
-            setattr(self, f"bank_{name}", torch.cat(parts[name]) if parts[name] else torch.zeros(0, self.bits, device=device))
-        self.bank_labels = train.labels.float().to(device)
+        codes = self._pair_codes(task, self.num_tasks - 1)
+        for name, key in zip(BANKS, ("cv", "ct", "hv", "ht")):
+            setattr(self, f"bank_{name}", codes[key])
+        self.bank_labels = task.train.labels.float().to(self._device())
 
     def end_task(self, task: "Task", task_index: int, store: "CodeStore") -> None:
         """Save what later tasks need: the train codes and labels of this task (exclusion
         loss) and a few raw train features (negatives of later task heads)."""
         with torch.no_grad():
-            was_training = self.training
-            self.eval()
             device = self._device()
-            codes_v, codes_t = [], []
             train = task.train
-            for start in range(0, len(train), 4096):
-                sl = slice(start, start + 4096)
-                out = self._pair_forward(train.image[sl].to(device), train.text[sl].to(device), task_index)
-                codes_v.append(out["hv"])
-                codes_t.append(out["ht"])
-            self.train(was_training)
-            self.old_image_codes = torch.cat(codes_v).to(device)
-            self.old_text_codes = torch.cat(codes_t).to(device)
+            codes = self._pair_codes(task, task_index)
+            self.old_image_codes, self.old_text_codes = codes["hv"], codes["ht"]
             self.old_labels = train.labels.float().to(device)
             n = min(self.head_negatives, len(train))
             if n > 0:

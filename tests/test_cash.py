@@ -198,3 +198,27 @@ def test_consistency_term_keeps_saved_rows_codes(stream):
             now_v, now_t = model._saved_row_codes()
         drift[weight] = float((now_v - model.neg_codes_image).abs().mean() + (now_t - model.neg_codes_text).abs().mean())
     assert drift[10.0] < 0.6 * drift[0.0]
+
+
+def test_banks_and_saved_codes_are_the_training_form_codes(stream):
+    """The code banks (start of a task) and the saved train codes (end of a task) hold
+    what the training-form forward gives each train pair in eval mode, computed without
+    its cross-branch outputs."""
+    torch.manual_seed(0)
+    model = build()
+    task = stream.tasks[0]
+    model.begin_task(task, 0)
+    model.begin_epoch(task, 0, 0)
+    model.eval()
+    with torch.no_grad():
+        out = model._pair_forward(task.train.image, task.train.text, 0)
+    for name, key in (("coarse_image", "cv"), ("coarse_text", "ct"), ("hash_image", "hv"), ("hash_text", "ht")):
+        torch.testing.assert_close(getattr(model, f"bank_{name}"), out[key], rtol=1e-6, atol=1e-6)
+    model = build()
+    train_task(model, task, 0, steps=3)
+    with torch.no_grad():
+        out = model._pair_forward(task.train.image, task.train.text, 0)
+    model.end_task(task, 0, CodeStore())
+    torch.testing.assert_close(model.old_image_codes, out["hv"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.old_text_codes, out["ht"], rtol=1e-6, atol=1e-6)
+    assert model.bank_hash_image.shape[0] == 0  # banks dropped after the task
