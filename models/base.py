@@ -61,6 +61,12 @@ class HashModel(nn.Module):
     that grows its code (PBEH) updates it in ``begin_task``.
     """
 
+    #: True when ``encode_image`` / ``encode_text`` never read ``task_index`` (the
+    #: sequential baselines): the runner then scores the task-agnostic queries with the
+    #: codes of the per-task scores instead of encoding the queries again. Leave it False
+    #: when the task changes a code in any way.
+    codes_ignore_task: bool = False
+
     def __init__(self, image_dim: int, text_dim: int, num_classes: int, bits: int) -> None:
         super().__init__()
         if bits < 1:

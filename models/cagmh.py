@@ -135,6 +135,8 @@ class CAGMH(HashModel):
     """Per-sample CAGMH: guided selective-scan encoders, DSPH-style heads, HyP proxy
     loss + class-centre loss (see the module docstring for every deviation)."""
 
+    codes_ignore_task = True  # a code never depends on the task
+
     def __init__(
         self,
         image_dim: int,

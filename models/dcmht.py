@@ -95,6 +95,8 @@ def margin_distance_loss(a: torch.Tensor, b: torch.Tensor, sim: torch.Tensor, ma
 class DCMHT(HashModel):
     """DCMHT hash heads (per-bit two-way softmax) and its margin distance loss."""
 
+    codes_ignore_task = True  # a code never depends on the task
+
     def __init__(
         self,
         image_dim: int,

@@ -107,6 +107,8 @@ class HyPProxyLoss(nn.Module):
 class DSPH(HashModel):
     """DSPH hash heads + HyP proxy loss on frozen image / text features."""
 
+    codes_ignore_task = True  # a code never depends on the task
+
     def __init__(
         self,
         image_dim: int,

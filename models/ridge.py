@@ -55,6 +55,8 @@ class RidgeHash(HashModel):
     """Closed-form continual ridge regression to the label space + a fixed projection
     (see the module doc). ``lam`` is the ridge penalty on the feature weights."""
 
+    codes_ignore_task = True  # a code never depends on the task
+
     def __init__(
         self,
         image_dim: int,

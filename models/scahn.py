@@ -152,6 +152,8 @@ class LayerStages(nn.Module):
 class SCAHN(HashModel):
     """Stage-wise hash outputs, per-bit fusion weights and bit-scalable codes."""
 
+    codes_ignore_task = True  # a code never depends on the task
+
     def __init__(
         self,
         image_dim: int,

@@ -54,6 +54,13 @@ class StrategyWrapper(HashModel):
     def encode_text(self, text, task_index: Optional[int] = None, layers=None) -> torch.Tensor:
         return self.base.encode_text(text, task_index, layers)
 
+    def infer_tasks(self, features: torch.Tensor, modality: str) -> Optional[torch.Tensor]:
+        return self.base.infer_tasks(features, modality)
+
+    @property
+    def codes_ignore_task(self) -> bool:  # type: ignore[override]
+        return self.base.codes_ignore_task
+
     def train_buffers(self) -> List[torch.Tensor]:
         return self.base.train_buffers()
 

@@ -218,7 +218,7 @@ class ContinualRunner:
             val_info = self.fit_task(model, plan.train_task, plan.code_task, optim, output, t)
             train_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            self._evaluate_after(model, tasks, t, plan, store, results, output)
+            agnostic = self._evaluate_after(model, tasks, t, plan, store, results, output)
             eval_s = time.perf_counter() - t0
             model.end_task(plan.train_task, plan.code_task, store)
             results.val.append(val_info)
@@ -231,7 +231,7 @@ class ContinualRunner:
                      + "  ".join(f"{d} " + " ".join("-" if v is None else f"{v:.4f}" for v in results.row(d, t))
                                  for d in DIRECTIONS))
             if t == T - 1:
-                self._finish(model, tasks, store, results)
+                self._finish(model, tasks, store, results, agnostic)
             self._summarise(results)
             output.task_scalars(results, t)
             output.save_task(t, model, store, results, keep=self.keep_task_checkpoints, last=(t == T - 1))
@@ -427,11 +427,12 @@ class ContinualRunner:
     def _evaluate_after(
         self, model: HashModel, tasks: List[Task], t: int, plan: TaskPlan, store: CodeStore, results: RunResults,
         output: RunOutput,
-    ) -> None:
+    ) -> Optional[Dict[str, torch.Tensor]]:
         """Store the plan's database codes, then fill row t of the result matrices and
         the task-agnostic column (and R[t, t+1] for forward transfer); a bar counts the
         parts (one per database encoded, per task scored, the agnostic and the next-task
-        score)."""
+        score). Returns the task-agnostic codes of the queries of tasks 0..t (None
+        without ``task_agnostic``)."""
         forward = self.forward_transfer and not plan.joint and t + 1 < len(tasks)
         bar = self._bar(t, len(plan.stored) + t + 1 + int(self.task_agnostic) + int(forward), "eval", "part")
         for j in plan.stored:
@@ -442,16 +443,23 @@ class ContinualRunner:
                 output.logger.warning("warning: " + collapse.message())
                 results.notes.append(collapse.message())
             bar.update(1)
+        per_task: List[Dict[str, torch.Tensor]] = []  # query codes of tasks 0..t, kept when the task is ignored
         for j in range(t + 1):
-            scores = score_against_store(model, tasks[j].query, plan.query_task(j), store, [j], self.topk,
-                                         self.eval_batch_size, self._dist)
+            codes = encode_codes(model, tasks[j].query, plan.query_task(j), self.eval_batch_size, self._dist)
+            scores = score_directions(codes, tasks[j].query.labels, store.entries([j]), self.topk)
+            if model.codes_ignore_task:
+                per_task.append(codes)
             for d in DIRECTIONS:
                 results.map[d][t][j] = round(scores[d], 6)
             bar.update(1)
+        agnostic: Optional[Dict[str, torch.Tensor]] = None
         if self.task_agnostic:
             queries = FeatureSet.concat([tasks[j].query for j in range(t + 1)])
-            scores = score_against_store(model, queries, None, store, list(range(t + 1)), self.topk,
-                                         self.eval_batch_size, self._dist)
+            if per_task:  # the same codes a task-agnostic encoding would give, row for row
+                agnostic = {m: torch.cat([c[m] for c in per_task]) for m in ("image", "text")}
+            else:
+                agnostic = encode_codes(model, queries, None, self.eval_batch_size, self._dist)
+            scores = score_directions(agnostic, queries.labels, store.entries(list(range(t + 1))), self.topk)
             for d in DIRECTIONS:
                 results.task_agnostic[d].append(round(scores[d], 6))
             if not plan.joint:
@@ -476,6 +484,7 @@ class ContinualRunner:
                 results.map_next[d][t] = round(scores[d], 6)
             bar.update(1)
         bar.close()
+        return agnostic
 
     def _untrained_scores(self, initial: HashModel, tasks: List[Task], device: torch.device) -> Dict[str, List[float]]:
         """b_j: each task scored by the run's own initial model before any training (a
@@ -498,16 +507,18 @@ class ContinualRunner:
                     out[d].append(round(scores[d], 6))
         return out
 
-    def _finish(self, model: HashModel, tasks: List[Task], store: CodeStore, results: RunResults) -> None:
+    def _finish(self, model: HashModel, tasks: List[Task], store: CodeStore, results: RunResults,
+                agnostic: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """After the last task: the retrieval curves of all queries, task-agnostic, against
         every stored code (with ``task_agnostic``), and the bit-scalable figures when the
-        model ranks its bits (SCAHN)."""
+        model ranks its bits (SCAHN). ``agnostic``: the last task's task-agnostic query
+        codes, which are these queries' codes (encoded here when None)."""
         significance = model.bit_significance()
         if not self.task_agnostic and significance is None:
             return
         entries = store.entries()
         queries = FeatureSet.concat([task.query for task in tasks])
-        q = encode_codes(model, queries, None, self.eval_batch_size, self._dist)
+        q = agnostic if agnostic is not None else encode_codes(model, queries, None, self.eval_batch_size, self._dist)
         if self.task_agnostic:
             results.curves = retrieval_curves(q, queries.labels, entries)
         if significance is None:

@@ -4,7 +4,8 @@
 Each model is trained for a few steps through the runner's own ``train_epoch`` on a
 tiny two-task synthetic stream, then checked: codes of a sample never depend on its
 batch-mates or on the other modality, every trainable parameter gets a gradient and
-an optimiser, ``structure`` / ``build_structure`` rebuild a checkpoint exactly, the
+an optimiser, ``structure`` / ``build_structure`` rebuild a checkpoint exactly, a model
+declaring ``codes_ignore_task`` encodes alike under every task, the
 same seed gives the same codes and another seed other codes, a step's gradients are
 bit-identical from call to call on two threads (on 512-d features), and a run
 interrupted in its second task and resumed ends with the numbers of an uninterrupted one.
@@ -99,6 +100,22 @@ def test_structure_round_trip_rebuilds_the_model_exactly(name, tiny_stream):
         a, b = encoded(model, tiny_stream.tasks[1].query, t), encoded(again, tiny_stream.tasks[1].query, t)
         for m in a:
             assert torch.equal(a[m], b[m]), (m, t)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_model_that_declares_its_codes_ignore_the_task_encodes_alike_under_every_task(name, tiny_stream):
+    """``codes_ignore_task`` lets the runner reuse per-task query codes as the
+    task-agnostic ones, so it must hold exactly: every task index and None give the
+    same codes, after two tasks."""
+    model = trained(name, tiny_stream, tasks=2, epochs=1)
+    if not model.codes_ignore_task:
+        pytest.skip(f"{name}'s codes may depend on the task")
+    assert model.infer_tasks(tiny_stream.tasks[1].query.image, "image") is None
+    fs = tiny_stream.tasks[1].query
+    reference = encoded(model, fs, None)
+    for t in (0, 1):
+        for m, codes in encoded(model, fs, t).items():
+            assert torch.equal(codes, reference[m]), (m, t)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -159,6 +159,36 @@ def test_resume_refuses_a_different_config(trained):
         run_config(cfg(epochs=3), out, resume=True, quiet=True)
 
 
+def test_task_agnostic_scores_reuse_the_query_codes_of_a_model_that_ignores_the_task(trained, tmp_path, monkeypatch):
+    """DSPH declares ``codes_ignore_task``: each evaluation encodes every query set once
+    (the task-agnostic scores and the final curves reuse those codes) and the results
+    equal a run that encodes the queries again task-agnostically."""
+    _, res = trained
+    from models.dsph import DSPH
+
+    rows = []
+    real = DSPH.encode_image
+
+    def encode_image(self, image, task_index=None, layers=None):
+        rows.append(int(image.shape[0]))
+        return real(self, image, task_index, layers)
+
+    monkeypatch.setattr(DSPH, "encode_image", encode_image)
+    reused = run_config(cfg(forward_transfer=False), tmp_path / "reused", quiet=True)
+    reused_rows = list(rows)
+    monkeypatch.setattr(DSPH, "codes_ignore_task", False)
+    rows.clear()
+    again = run_config(cfg(forward_transfer=False), tmp_path / "again", quiet=True)
+    q = BASE["dataset"]["query_size"]
+    # encoding again: the concatenated queries of tasks 0..t once per task; the final
+    # curves reuse the last of those in both runs
+    assert sum(rows) - sum(reused_rows) == q * (1 + 2 + 3)
+    assert 2 * q not in reused_rows and 3 * q not in reused_rows
+    assert rows.count(2 * q) == rows.count(3 * q) == 1
+    assert reused.map == again.map == res.map
+    assert reused.task_agnostic == again.task_agnostic == res.task_agnostic and reused.curves == again.curves
+
+
 def test_joint_mode_reencodes_every_database(tmp_path, monkeypatch):
     snapshots = stored_after_each_task(monkeypatch)
     res = run_config(cfg(mode="joint", epochs=4), tmp_path / "joint", quiet=True)

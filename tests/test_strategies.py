@@ -137,3 +137,26 @@ def test_distill_reads_a_task_conditioned_student_under_the_teachers_task():
         new = model.base.encode_image(batch.image, 1)
         old = model.teacher.encode_image(batch.image, 0)
     assert float(torch.nn.functional.mse_loss(new, old)) > 0
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_the_wrapper_reports_its_bases_task_inference(strategy):
+    """Task inference and ``codes_ignore_task`` come from the base: around PBEH the
+    runner still reports which task each query was read under, and never reuses
+    per-task codes as task-agnostic ones; around DSPH it may."""
+    dims = dict(image_dim=24, text_dim=24, num_classes=12)
+    stream = SyntheticDataset(**{k: v for k, v in STREAM.items() if k != "name"}).load()
+    pbeh = {"name": "PBEH", "bits": 8, "hidden": 32, "heads": 2, "prompt_divisor": 30}
+    model = build("model", config({"name": strategy, "base": pbeh, **STRATEGIES[strategy]}), **dims)
+    store = CodeStore()
+    for t in range(2):
+        task_steps(model, stream.tasks[t], t, steps=2)
+        finish_task(model, stream.tasks[t], t, store)
+    q = stream.tasks[1].query.image
+    with torch.no_grad():
+        chosen = model.infer_tasks(q, "image")
+    assert chosen is not None and torch.equal(chosen, model.base.infer_tasks(q, "image"))
+    assert not model.codes_ignore_task
+    dsph = build("model", config({"name": strategy, "base": {"name": "DSPH", "bits": 8}, **STRATEGIES[strategy]}),
+                 **dims)
+    assert dsph.codes_ignore_task and dsph.infer_tasks(q, "image") is None
