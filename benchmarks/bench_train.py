@@ -358,17 +358,23 @@ def table(rows: List[Dict[str, Any]]) -> List[str]:
 
 
 def run_driver(args: argparse.Namespace) -> None:
-    tmp: Optional[Path] = None
+    tmp: Optional[Path] = None       # an unpacked reference this run made, removed at the end
+    ref_root: Optional[Path] = None  # where the reference worker imports from
     try:
-        if not args.no_reference:
-            tmp = Path(tempfile.mkdtemp(prefix="bench_train_ref_"))
+        if args.reference_tree:
+            ref_root = Path(args.reference_tree).resolve()
+            if not (ref_root / "runners" / "optim.py").is_file():
+                raise SystemExit(f"error: --reference-tree {args.reference_tree}: not an unpacked tree of this "
+                                 "project (no runners/optim.py in it)")
+        elif not args.no_reference:
+            tmp = ref_root = Path(tempfile.mkdtemp(prefix="bench_train_ref_"))
             unpack_commit(args.reference_commit, tmp)
         rows = []
         for method in args.methods:
             row: Dict[str, Any] = {"method": method}
             for _ in range(args.rounds):  # naive and new alternate, so both see the same load
-                if tmp is not None:
-                    row["reference"] = best(row.get("reference"), measure("reference", tmp, method, args))
+                if ref_root is not None:
+                    row["reference"] = best(row.get("reference"), measure("reference", ref_root, method, args))
                 row["new"] = best(row.get("new"), measure("new", ROOT, method, args))
             rows.append(row)
             print(f"{method}: done", file=sys.stderr, flush=True)
@@ -381,7 +387,7 @@ def run_driver(args: argparse.Namespace) -> None:
           f"{args.min_seconds:g} s after {args.warmup} warm-up, best of {args.rounds} alternating round(s), "
           f"synthetic coco_balanced task 1 ({first['train']} train pairs)"
           + (" --quick" if args.quick else "") + f", load average {load:.2f}")
-    print(f"naive = the loop of commit {args.reference_commit}" if tmp is not None else "naive: not run (--no-reference)")
+    print(f"naive = the loop of commit {args.reference_commit}" if ref_root is not None else "naive: not run (--no-reference)")
     print(f"new = {first['step']}; matmul = {args.matmul}^3 fp32 and bf16, the anchor in the new worker's "
           f"precision ({'bf16' if args.amp == 'bf16' else 'fp32'}); CPU = process time of the timed steps")
     for line in table(rows):
@@ -405,6 +411,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny stream, layers and batches (a smoke test)")
     parser.add_argument("--reference-commit", default=REFERENCE_COMMIT,
                         help=f"commit whose loop is the naive reference (default {REFERENCE_COMMIT})")
+    parser.add_argument("--reference-tree", default=None,
+                        help="that commit's tree already unpacked here (git archive REF | tar -x -C DIR), for a copy "
+                             "of the checkout without git history, e.g. one sent to a GPU machine")
     parser.add_argument("--no-reference", action="store_true", help="skip the naive reference")
     parser.add_argument("--amp", choices=("off", "bf16"), default="off",
                         help="runner.amp of the new worker (default off; the naive reference always runs fp32)")

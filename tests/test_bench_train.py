@@ -47,6 +47,12 @@ def test_unknown_method_is_refused():
     assert proc.returncode == 2 and "--methods: unknown NOPE" in proc.stderr
 
 
+def test_a_reference_tree_that_is_not_this_project_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--methods", "DSPH", "--reference-tree", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and f"--reference-tree {tmp_path}: not an unpacked tree of this project" in proc.stderr
+
+
 def test_best_of_rounds_keeps_the_faster_measurement_and_the_best_anchors():
     import importlib.util
 
