@@ -11,7 +11,9 @@ seeded permutation of that train split, as the runner does. Printed per method:
 - GFLOP per step: the model's forward + backward counted once with
   ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention);
 - achieved GFLOP/s = GFLOP per step x steps/s, and the dense fp32 matmul GFLOP/s of the
-  same process right after (``--matmul`` size, one thread count for both), and their ratio;
+  same process right after (``--matmul`` size, one thread count for both; the best of
+  ``torch.mm`` and, on a CPU, oneDNN's linear: MKL, which ``torch.mm`` calls in fp32,
+  is not the fastest kernel on every CPU), and their ratio;
   the same ratio per second of process CPU time (CPU ms/step), which a loaded shared
   machine distorts far less than wall time.
 
@@ -119,28 +121,50 @@ def method_config(root: Path, method: str, quick: bool) -> Dict[str, Any]:
     return cfg
 
 
+def matmul_kernels(device, a, b) -> Dict[str, Any]:
+    """The dense kernels the anchor tries, by name: ``torch.mm`` everywhere and, on a CPU
+    whose torch has oneDNN, oneDNN's linear (``a @ b.T``, the same FLOPs). torch's fp32
+    ``mm`` calls MKL, which on some CPUs (AMD Zen 4) runs 10-35 % below oneDNN on the
+    same shapes, so one library's rate would understate the hardware's limit."""
+    import torch
+
+    kernels: Dict[str, Any] = {"torch.mm": lambda: a @ b}
+    linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if device.type == "cpu" else None
+    if linear is not None and torch.backends.mkldnn.is_available():
+        def onednn():
+            return linear(a, b, None, "none", [], "")
+        try:
+            onednn()
+        except RuntimeError:  # no such kernel for this dtype / CPU
+            pass
+        else:
+            kernels["oneDNN linear"] = onednn
+    return kernels
+
+
 def matmul_gflops(n: int, device, seconds: float = 1.0, dtype: str = "fp32") -> Dict[str, float]:
-    """Best rate of ``n x n @ n x n`` matmuls (``dtype`` fp32 or bf16) over about
-    ``seconds``, per second of wall time and per second of this process's CPU time
-    (robust on a shared machine)."""
+    """Best rate of ``n x n`` by ``n x n`` matmuls (``dtype`` fp32 or bf16) over about
+    ``seconds`` per kernel of ``matmul_kernels``, per second of wall time and per second
+    of this process's CPU time (robust on a shared machine)."""
     import torch
 
     kind = torch.bfloat16 if dtype == "bf16" else torch.float32
     a, b = (torch.randn(n, n, device=device).to(kind) for _ in range(2))
     best = {"wall": 0.0, "cpu": 0.0}
-    spent = 0.0
-    for _ in range(2):
-        a @ b  # warm-up
-    while spent < seconds:
-        _sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        a @ b
-        _sync(device)
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        spent += dt
-        best["wall"] = max(best["wall"], 2 * n ** 3 / dt / 1e9)
-        if dc > 0:
-            best["cpu"] = max(best["cpu"], 2 * n ** 3 / dc / 1e9)
+    for kernel in matmul_kernels(device, a, b).values():
+        spent = 0.0
+        for _ in range(2):
+            kernel()  # warm-up
+        while spent < seconds:
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            kernel()
+            _sync(device)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            spent += dt
+            best["wall"] = max(best["wall"], 2 * n ** 3 / dt / 1e9)
+            if dc > 0:
+                best["cpu"] = max(best["cpu"], 2 * n ** 3 / dc / 1e9)
     return best
 
 
@@ -388,8 +412,9 @@ def run_driver(args: argparse.Namespace) -> None:
           f"synthetic coco_balanced task 1 ({first['train']} train pairs)"
           + (" --quick" if args.quick else "") + f", load average {load:.2f}")
     print(f"naive = the loop of commit {args.reference_commit}" if ref_root is not None else "naive: not run (--no-reference)")
-    print(f"new = {first['step']}; matmul = {args.matmul}^3 fp32 and bf16, the anchor in the new worker's "
-          f"precision ({'bf16' if args.amp == 'bf16' else 'fp32'}); CPU = process time of the timed steps")
+    print(f"new = {first['step']}; matmul = {args.matmul}^3 fp32 and bf16, the best of torch.mm and (CPU) "
+          f"oneDNN's linear, the anchor in the new worker's precision ({'bf16' if args.amp == 'bf16' else 'fp32'}); "
+          "CPU = process time of the timed steps")
     for line in table(rows):
         print(line)
     if args.json:

@@ -68,3 +68,22 @@ def test_best_of_rounds_keeps_the_faster_measurement_and_the_best_anchors():
         assert kept["matmul"] == {"wall": 90.0, "cpu": 99.0}
         assert kept["matmul_bf16"] == {"wall": 900.0, "cpu": 300.0}
     assert bench.best(None, slow) is slow
+
+
+def test_every_anchor_kernel_is_a_dense_product_of_the_same_size():
+    """The anchor's kernels do the arithmetic they are credited with: torch.mm is
+    ``a @ b`` and oneDNN's linear (where present) ``a @ b.T``, both n x n x n."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(48, 48, generator=gen), torch.randn(48, 48, generator=gen)
+    kernels = bench.matmul_kernels(torch.device("cpu"), a, b)
+    assert "torch.mm" in kernels
+    expected = {"torch.mm": a @ b, "oneDNN linear": a @ b.t()}
+    for name, kernel in kernels.items():
+        torch.testing.assert_close(kernel(), expected[name], rtol=1e-4, atol=1e-4)
