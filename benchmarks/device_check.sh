@@ -7,8 +7,8 @@
 #
 # Prepare on a machine with the git history (the copy sent to a GPU machine has none):
 #   mkdir -p .device_ref && git archive 4a05054 | tar -x -C .device_ref
-#   echo /.device_ref/ >> .git/info/exclude
-# then run this script there from the repository root with .device_ref carried along.
+# (.device_ref/ is git-ignored, so name it in the device tool's carry), then run this
+# script there from the repository root.
 # Without .device_ref the benchmarks run without the naive reference.
 set -u
 out=${OUT:-device_out}
