@@ -10,6 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_train.py"
 
 
+def load_script():
+    """benchmarks/bench_train.py as a module (it is a script, not a package member)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def has_reference_commit() -> bool:
     probe = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", "4a05054^{commit}"], capture_output=True)
     return probe.returncode == 0
@@ -54,11 +64,7 @@ def test_a_reference_tree_that_is_not_this_project_is_refused(tmp_path):
 
 
 def test_best_of_rounds_keeps_the_faster_measurement_and_the_best_anchors():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script()
     slow = {"steps": 10, "cpu_seconds": 2.0, "seconds": 2.1, "matmul": {"wall": 90.0, "cpu": 95.0},
             "matmul_bf16": {"wall": 400.0, "cpu": 300.0}}
     fast = {"steps": 20, "cpu_seconds": 3.0, "seconds": 3.2, "matmul": {"wall": 80.0, "cpu": 99.0},
@@ -73,13 +79,9 @@ def test_best_of_rounds_keeps_the_faster_measurement_and_the_best_anchors():
 def test_every_anchor_kernel_is_a_dense_product_of_the_same_size():
     """The anchor's kernels do the arithmetic they are credited with: torch.mm is
     ``a @ b`` and oneDNN's linear (where present) ``a @ b.T``, both n x n x n."""
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script()
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(48, 48, generator=gen), torch.randn(48, 48, generator=gen)
     kernels = bench.matmul_kernels(torch.device("cpu"), a, b)
