@@ -35,10 +35,14 @@ afterwards. ``--no-reference`` skips it (e.g. outside a git checkout).
 ``--amp bf16`` runs the new worker under ``runner.amp: bf16`` (on a CPU with AMX or
 AVX512-BF16 the matmuls run in bf16); its anchor is then the bf16 matmul, measured in
 the same process next to the fp32 one. The naive reference always runs in fp32.
+``--compile`` runs it under ``runner.compile: true`` (torch.compile, inductor) through the
+runner's own ``training_module``; the compilation happens in the warm-up steps, whose
+wall time is printed after the table.
 
     python benchmarks/bench_train.py                          # all six methods, 1 thread
     python benchmarks/bench_train.py --methods CASH PBEH --steps 20
     python benchmarks/bench_train.py --quick --methods DSPH   # tiny sizes, a smoke test
+    python benchmarks/bench_train.py --compile --methods SCAHN DCMHT
 """
 from __future__ import annotations
 
@@ -242,13 +246,15 @@ def make_step(args: argparse.Namespace, setup: Dict[str, Any]):
     build = _config_module().build
     if hasattr(continual.ContinualRunner, "train_step") and hasattr(continual.ContinualRunner, "task_optim"):
         cfg = setup["config"]
-        runner = build("runner", dict(cfg, runner=dict(cfg["runner"], amp=args.amp)))
+        runner_cfg = dict(cfg["runner"], amp=args.amp, **({"compile": True} if args.compile else {}))
+        runner = build("runner", dict(cfg, runner=runner_cfg))
         opt = runner.task_optim(model, 0, setup["train"],
                                 continual.OptimSpec(optimizer=cfg["optimizer"], scheduler=cfg.get("scheduler")))
         train = setup["task"].train
+        module = runner.training_module(model) if args.compile else model
 
         def step(i: int, sums: Dict[str, Any]) -> None:
-            losses = runner.train_step(model, model, train, chunks[i % len(chunks)], 0, opt)
+            losses = runner.train_step(module, model, train, chunks[i % len(chunks)], 0, opt)
             for k, v in losses.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
         return step, "the runner's train_step (runners.continual)"
@@ -266,6 +272,10 @@ def run_worker(args: argparse.Namespace) -> None:
     step, kind = make_step(args, setup)
     if args.worker == "new" and args.amp != "off":
         kind += f" under runner.amp: {args.amp}"
+    if args.worker == "new" and args.compile:
+        if "train_step" not in kind:
+            raise SystemExit("--compile needs a checkout whose runner has train_step and training_module")
+        kind += " under runner.compile: true"
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -276,9 +286,11 @@ def run_worker(args: argparse.Namespace) -> None:
     model.zero_grad(set_to_none=True)
 
     sums: Dict[str, Any] = {}
+    warm0 = time.perf_counter()
     for i in range(args.warmup):
         step(i, sums)
     _sync(device)
+    warmup_seconds = time.perf_counter() - warm0
     cpu0, t0 = time.process_time(), time.perf_counter()
     timed = 0
     while timed < args.steps or time.perf_counter() - t0 < args.min_seconds:  # enough steps, and long enough
@@ -299,6 +311,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "matmul": matmul_gflops(args.matmul, device),
         "matmul_bf16": matmul_gflops(args.matmul, device, dtype="bf16"),
         "amp": args.amp if args.worker == "new" else "off",
+        "compile": bool(args.compile) and args.worker == "new", "warmup_seconds": warmup_seconds,
     }
     print(RESULT_TAG + json.dumps(result), flush=True)
 
@@ -328,6 +341,8 @@ def measure(worker: str, root: Path, method: str, args: argparse.Namespace) -> D
            "--amp", args.amp, "--min-seconds", str(args.min_seconds)]
     if args.quick:
         cmd.append("--quick")
+    if args.compile and worker == "new":
+        cmd.append("--compile")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH="")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(root))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
@@ -417,6 +432,9 @@ def run_driver(args: argparse.Namespace) -> None:
           "CPU = process time of the timed steps")
     for line in table(rows):
         print(line)
+    if args.compile:
+        print("compilation (wall s of the new worker's warm-up steps): "
+              + ", ".join(f"{r['method']} {r['new']['warmup_seconds']:.1f}" for r in rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
@@ -442,6 +460,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-reference", action="store_true", help="skip the naive reference")
     parser.add_argument("--amp", choices=("off", "bf16"), default="off",
                         help="runner.amp of the new worker (default off; the naive reference always runs fp32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="runner.compile: true (torch.compile, inductor) for the new worker; needs --warmup >= 1")
     parser.add_argument("--json", default=None, help="also write the raw measurements to this file")
     parser.add_argument("--worker", choices=("reference", "new"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -460,6 +480,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error("--steps, --threads, --matmul and --rounds must be >= 1 and --warmup >= 0")
     if args.min_seconds < 0:
         parser.error("--min-seconds must be >= 0")
+    if args.compile and args.warmup < 1:
+        parser.error("--compile needs --warmup >= 1 (the first steps compile; they are not timed)")
     return args
 
 

@@ -101,7 +101,10 @@ def _kernels() -> Optional[Tuple[Any, Any]]:
     return None if forward is None else (forward, backward)
 
 
+@torch.compiler.assume_constant_result
 def available() -> bool:
+    """Whether numba compiled the kernels. A constant to torch.compile, which calls it
+    once instead of tracing into numba."""
     return _kernels() is not None
 
 
@@ -130,6 +133,7 @@ class _SequentialScan(torch.autograd.Function):
         return gx, gdt, gA, gB, gC
 
 
+@torch.compiler.disable  # run eagerly under runner.compile: torch.compile must not trace into numba
 def sequential_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                     C: torch.Tensor) -> torch.Tensor:
     """``y`` (b, L, d) of the scan without its ``D x`` term, in float32 (inputs of another

@@ -53,9 +53,16 @@ def _kernel() -> Optional[Any]:
                 fastmath={"reassoc", "contract"}, error_model="numpy")
 
 
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether numba compiled the kernel. A constant to torch.compile, which calls it
+    once instead of tracing into numba."""
+    return _kernel() is not None
+
+
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernel can run on these tensors: all on the CPU, numba present."""
-    return all(t.device.type == "cpu" for t in tensors) and _kernel() is not None
+    return all(t.device.type == "cpu" for t in tensors) and available()
 
 
 class _ProductSoftplusRowSums(torch.autograd.Function):
@@ -91,5 +98,13 @@ def product_softplus_row_sums(X: torch.Tensor, H: torch.Tensor, kernel: str = "a
     through torch. Scores of a dtype the kernel does not take (bf16 under autocast) are
     computed on in float32."""
     if kernel == "auto" and usable(X, H):
-        return _ProductSoftplusRowSums.apply(X, H)
+        return _kernel_row_sums(X, H)
     return F.softplus(X @ H.t()).sum(1)
+
+
+@torch.compiler.disable
+def _kernel_row_sums(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """The kernel path, run eagerly under ``runner.compile``: torch.compile must not trace
+    into numba (its dispatcher's first call for new argument types broke dynamo's
+    bytecode analysis), and a numba call is opaque to it anyway."""
+    return _ProductSoftplusRowSums.apply(X, H)

@@ -266,7 +266,7 @@ class ContinualRunner:
             return {"best_epoch": None, "best_score": None, "history": history}
         opt = self.task_optim(model, task_index, len(task.train), optim)
         gen = torch.Generator().manual_seed(task_seed(self.seed, t))
-        module = self._training_module(model)
+        module = self.training_module(model)
         best: Tuple[float, int, Optional[Dict[str, torch.Tensor]]] = (-math.inf, -1, None)
         bar = self._bar(t, self.epochs * self._steps_per_epoch(len(task.train)))
         for epoch in range(self.epochs):
@@ -305,7 +305,7 @@ class ContinualRunner:
         epoch, not per step)."""
         model.begin_epoch(task, task_index, epoch)
         model.train()
-        module = module if module is not None else self._training_module(model)
+        module = module if module is not None else self.training_module(model)
         sums: Dict[str, torch.Tensor] = {}
         chunks = self.batches(len(task.train), gen, task.train.image.device)
         for idx in chunks:
@@ -375,7 +375,7 @@ class ContinualRunner:
         dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(device_type=device.type, dtype=dtype)
 
-    def _training_module(self, model: HashModel) -> torch.nn.Module:
+    def training_module(self, model: HashModel) -> torch.nn.Module:
         """The module the training step calls: DDP around the model under torchrun, and
         torch.compile's wrapper with ``runner.compile``."""
         module: torch.nn.Module = model

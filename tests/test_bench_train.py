@@ -57,6 +57,13 @@ def test_unknown_method_is_refused():
     assert proc.returncode == 2 and "--methods: unknown NOPE" in proc.stderr
 
 
+def test_compile_without_warm_up_is_refused():
+    """--compile times steps after the warm-up, where the compilation happens."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--compile", "--warmup", "0"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "--compile needs --warmup >= 1" in proc.stderr
+
+
 def test_a_reference_tree_that_is_not_this_project_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--methods", "DSPH", "--reference-tree", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT)

@@ -58,6 +58,35 @@ def test_compiled_scan_kernel_equals_the_pytorch_loop_values_and_gradients(L):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_scan_kernel_runs_eagerly_under_torch_compile(monkeypatch):
+    """Under ``runner.compile`` the numba scan runs eagerly, forward and backward, not
+    traced by torch.compile, with the eager values and gradients."""
+    if not scan_kernel.available():
+        pytest.skip("numba is not installed: the PyTorch loop is the only path")
+    forward, backward = scan_kernel._kernels()
+    traced = []
+
+    def spy(kernel):
+        def call(*args):
+            traced.append(torch.compiler.is_compiling())
+            return kernel(*args)
+        return call
+
+    monkeypatch.setattr(scan_kernel, "_kernels", lambda: (spy(forward), spy(backward)))
+    torch.manual_seed(0)
+    block = SelectiveScanBlock(8, d_state=4, scan="sequential", kernel="auto")
+    tokens = torch.randn(6, 5, 8)
+    compiled = torch.compile(lambda t: block(t).square().sum(), backend="eager")
+    got = compiled(tokens)
+    grads = torch.autograd.grad(got, list(block.parameters()))
+    ref = block(tokens).square().sum()
+    ref_grads = torch.autograd.grad(ref, list(block.parameters()))
+    assert len(traced) == 4 and not any(traced)   # forward and backward, compiled and eager
+    assert torch.equal(got, ref)
+    for a, b in zip(grads, ref_grads):
+        assert torch.equal(a, b)
+
+
 def test_scan_block_uses_the_kernel_on_cpu_and_matches_the_torch_loop(monkeypatch):
     if not scan_kernel.available():
         pytest.skip("numba is not installed: the PyTorch loop is the only path")

@@ -268,13 +268,16 @@ def test_runs_in_one_process_do_not_leak_threads_or_rng(tmp_path):
     assert ab == ba[::-1]
 
 
-def test_compiled_training_step_gives_the_same_run(tmp_path):
+@pytest.mark.parametrize("name", ["CASH", "PBEH", "CAGMH", "SCAHN", "DCMHT", "DSPH"])
+def test_compiled_training_step_gives_the_same_run(tmp_path, name):
     """runner.compile traces the training forward with torch.compile ("eager" backend
-    here: the same graph capture and guards as inductor, without code generation)."""
+    here: the same graph capture and guards as inductor, without code generation), for
+    every method, CAGMH's and SCAHN's numba kernels included (they run eagerly)."""
     from conftest import tiny_config
 
-    plain = run_config(tiny_config("DSPH"), tmp_path / "plain", quiet=True)
-    compiled = run_config(tiny_config("DSPH", compile="eager"), tmp_path / "compiled", quiet=True)
+    torch._dynamo.reset()  # a fresh trace: earlier tests' compiled code is not reused
+    compiled = run_config(tiny_config(name, compile="eager"), tmp_path / "compiled", quiet=True)
+    plain = run_config(tiny_config(name), tmp_path / "plain", quiet=True)
     assert compiled.map == plain.map
 
 

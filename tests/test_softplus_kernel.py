@@ -70,6 +70,29 @@ def test_bf16_scores_are_computed_in_float32_and_kernel_torch_is_plain_torch():
     assert torch.equal(product_softplus_row_sums(X, H, kernel="torch"), F.softplus(X @ H.t()).sum(1))
 
 
+@needs_kernel
+def test_kernel_runs_eagerly_under_torch_compile(monkeypatch):
+    """Under ``runner.compile`` the numba call runs eagerly, not traced by torch.compile
+    (tracing into numba's dispatcher broke dynamo on a first call for new argument
+    types), with the eager values and gradients."""
+    real = softplus_kernel._kernel()
+    traced = []
+
+    def spy(*args):
+        traced.append(torch.compiler.is_compiling())
+        return real(*args)
+
+    monkeypatch.setattr(softplus_kernel, "_kernel", lambda: spy)
+    X, H = torch.randn(30, 8), torch.randn(12, 8, requires_grad=True)
+    compiled = torch.compile(lambda X, H: product_softplus_row_sums(X, H).square().sum(), backend="eager")
+    got = compiled(X, H)
+    (grad,) = torch.autograd.grad(got, H)
+    ref = product_softplus_row_sums(X, H).square().sum()
+    (ref_grad,) = torch.autograd.grad(ref, H)
+    assert traced and not any(traced)
+    assert torch.equal(got, ref) and torch.equal(grad, ref_grad)
+
+
 def test_helper_fingerprint_follows_the_helper_files(tmp_path, monkeypatch):
     for name, body in (("mod_a", "def f(x):\n    return x + 1\n"), ("mod_b", "def f(x):\n    return x + 2\n")):
         (tmp_path / f"{name}.py").write_text(body)
