@@ -264,9 +264,30 @@ def make_step(args: argparse.Namespace, setup: Dict[str, Any]):
     return step, "public pieces (runners.optim + model.loss, losses summed on the device)"
 
 
+def count_library_operators() -> None:
+    """FLOP formulas for this library's own torch operators, which FlopCounterMode sees as
+    one call each and does not look into: SCAHN's softplus row sums
+    (``ccmh::product_softplus_row_sums``) multiply ``X`` (N, K) by ``H^T`` (K, M), 2 N K M
+    FLOPs (its backward is plain matmuls, counted as such). The selective scan's operators
+    are elementwise work, not counted, as before. A checkout without them (the naive
+    reference) registers nothing."""
+    import torch
+    from torch.utils.flop_counter import register_flop_formula
+
+    try:
+        op = torch.ops.ccmh.product_softplus_row_sums
+    except (AttributeError, RuntimeError):
+        return
+
+    @register_flop_formula(op)
+    def _row_sums_flops(x_shape, h_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * x_shape[0] * x_shape[1] * h_shape[0]
+
+
 def run_worker(args: argparse.Namespace) -> None:
     """Measure one method in this process (``--root``'s code) and print one result line."""
     setup = prepare(args)
+    count_library_operators()
     model, batch_at, device = setup["model"], setup["batch_at"], setup["device"]
     batch_size, n = setup["batch_size"], setup["train"]
     step, kind = make_step(args, setup)

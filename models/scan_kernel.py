@@ -26,6 +26,7 @@ bit; tests/test_cagmh.py).
 from __future__ import annotations
 
 import functools
+import importlib.util
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -101,11 +102,15 @@ def _kernels() -> Optional[Tuple[Any, Any]]:
     return None if forward is None else (forward, backward)
 
 
-@torch.compiler.assume_constant_result
+# Whether numba is installed, decided once at import without importing it (the kernels
+# themselves compile on first use). A plain module constant, so torch.compile reads it
+# instead of tracing into numba.
+_NUMBA = importlib.util.find_spec("numba") is not None
+
+
 def available() -> bool:
-    """Whether numba compiled the kernels. A constant to torch.compile, which calls it
-    once instead of tracing into numba."""
-    return _kernels() is not None
+    """Whether the kernels can run: numba is installed."""
+    return _NUMBA
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -113,31 +118,51 @@ def usable(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors) and available()
 
 
-class _SequentialScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C):
-        x, dt, A, B, C = (v.detach().float().contiguous() for v in (x, dt, A, B, C))
-        y = torch.empty_like(x)
-        _kernels()[0](x.numpy(), dt.numpy(), A.numpy(), B.numpy(), C.numpy(), y.numpy())
-        ctx.save_for_backward(x, dt, A, B, C)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, dt, A, B, C = ctx.saved_tensors
-        gy = gy.float().contiguous()
-        gx, gdt = torch.empty_like(x), torch.empty_like(dt)
-        gA, gB, gC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
-        _kernels()[1](x.numpy(), dt.numpy(), A.numpy(), B.numpy(), C.numpy(), gy.numpy(),
-                      gx.numpy(), gdt.numpy(), gA.numpy(), gB.numpy(), gC.numpy())
-        return gx, gdt, gA, gB, gC
+# The kernels as torch operators: opaque to torch.compile (it calls them, with the fake
+# implementations for shapes, and never traces into numba), differentiable through
+# the registered backward. Inputs are float32 and contiguous (``sequential_scan`` casts).
+@torch.library.custom_op("ccmh::selective_scan", mutates_args=())
+def _scan_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+             C: torch.Tensor) -> torch.Tensor:
+    y = torch.empty_like(x)
+    _kernels()[0](*(v.detach().numpy() for v in (x, dt, A, B, C, y)))
+    return y
 
 
-@torch.compiler.disable  # run eagerly under runner.compile: torch.compile must not trace into numba
+@_scan_op.register_fake
+def _(x, dt, A, B, C):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("ccmh::selective_scan_backward", mutates_args=())
+def _scan_backward_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      gy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    gx, gdt = torch.empty_like(x), torch.empty_like(dt)
+    gA, gB, gC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
+    _kernels()[1](*(v.detach().numpy() for v in (x, dt, A, B, C, gy, gx, gdt, gA, gB, gC)))
+    return gx, gdt, gA, gB, gC
+
+
+@_scan_backward_op.register_fake
+def _(x, dt, A, B, C, gy):
+    return tuple(torch.empty_like(v) for v in (x, dt, A, B, C))
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _scan_grad(ctx, gy):
+    return _scan_backward_op(*ctx.saved_tensors, gy.float().contiguous())
+
+
+_scan_op.register_autograd(_scan_grad, setup_context=_save_inputs)
+
+
 def sequential_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                     C: torch.Tensor) -> torch.Tensor:
     """``y`` (b, L, d) of the scan without its ``D x`` term, in float32 (inputs of another
     float dtype, e.g. bf16 under autocast, are computed in float32; gradients come back in
     float32, which autograd casts to each input's dtype). Shapes as
     ``models.selective_scan.selective_scan_sequential``."""
-    return _SequentialScan.apply(x, dt, A, B, C)
+    return _scan_op(*(v.float().contiguous() for v in (x, dt, A, B, C)))

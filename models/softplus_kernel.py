@@ -19,7 +19,8 @@ nothing shares or resets torch's OpenMP pool.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+import importlib.util
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
@@ -53,11 +54,15 @@ def _kernel() -> Optional[Any]:
                 fastmath={"reassoc", "contract"}, error_model="numpy")
 
 
-@torch.compiler.assume_constant_result
+# Whether numba is installed, decided once at import without importing it (the kernel
+# compiles on first use). A plain module constant, so torch.compile reads it instead of
+# tracing into numba.
+_NUMBA = importlib.util.find_spec("numba") is not None
+
+
 def available() -> bool:
-    """Whether numba compiled the kernel. A constant to torch.compile, which calls it
-    once instead of tracing into numba."""
-    return _kernel() is not None
+    """Whether the kernel can run: numba is installed."""
+    return _NUMBA
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -65,31 +70,50 @@ def usable(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors) and available()
 
 
-class _ProductSoftplusRowSums(torch.autograd.Function):
-    """``sum_j softplus((X H^T)_ij)``. The (N, M) scores live only inside: the kernel
-    overwrites them with their sigmoid, which the backward reads, so one (N, M) array is
-    allocated per call instead of three (scores, sigmoid, scaled gradient); the upstream
-    gradient, one value per row, scales ``X`` (N, K) rather than the sigmoid (N, M)."""
+def _scores(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``X H^T`` as the kernel reads it: in the matmul's dtype (bf16 under autocast)
+    computed on in float32, contiguous."""
+    scores = X.detach() @ H.detach().t()
+    return (scores if scores.dtype in (torch.float32, torch.float64) else scores.float()).contiguous()
 
-    @staticmethod
-    def forward(ctx, X, H):
-        scores = (X.detach() @ H.detach().t())  # under autocast in its dtype, like any matmul
-        sig = (scores if scores.dtype in (torch.float32, torch.float64) else scores.float()).contiguous()
-        sums = np.empty(sig.shape[0], dtype=np.float64)
-        _kernel()(sig.numpy(), sums)  # sig holds the scores until the kernel overwrites them
-        ctx.save_for_backward(X, H, sig)
-        return torch.from_numpy(sums).to(sig.dtype)
 
-    @staticmethod
-    def backward(ctx, grad):
-        X, H, sig = ctx.saved_tensors
-        g = grad.to(sig.dtype).unsqueeze(1)
-        grad_x = grad_h = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g * (sig @ H.to(sig.dtype))
-        if ctx.needs_input_grad[1]:
-            grad_h = sig.t() @ (g * X.to(sig.dtype))
-        return grad_x, grad_h
+# ``sum_j softplus((X H^T)_ij)`` as a torch operator: opaque to torch.compile (it calls
+# it, with the fake implementation for shapes, and never traces into numba). The (N, M)
+# scores live only inside: the kernel overwrites them with their sigmoid, returned for
+# the backward, so one (N, M) array is allocated per call instead of three (scores,
+# sigmoid, scaled gradient); the upstream gradient, one value per row, scales ``X``
+# (N, K) rather than the sigmoid (N, M).
+@torch.library.custom_op("ccmh::product_softplus_row_sums", mutates_args=())
+def _row_sums_op(X: torch.Tensor, H: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    sig = _scores(X, H)
+    sums = np.empty(sig.shape[0], dtype=np.float64)
+    _kernel()(sig.numpy(), sums)  # sig holds the scores until the kernel overwrites them
+    return torch.from_numpy(sums).to(sig.dtype), sig
+
+
+@_row_sums_op.register_fake
+def _(X, H):
+    sig = _scores(X, H)
+    return sig.new_empty(sig.shape[0]), sig
+
+
+def _save(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+
+
+def _row_sums_grad(ctx, grad, _grad_sig):
+    X, H, sig = ctx.saved_tensors
+    g = grad.to(sig.dtype).unsqueeze(1)
+    grad_x = grad_h = None
+    if ctx.needs_input_grad[0]:
+        grad_x = g * (sig @ H.to(sig.dtype))
+    if ctx.needs_input_grad[1]:
+        grad_h = sig.t() @ (g * X.to(sig.dtype))
+    return grad_x, grad_h
+
+
+_row_sums_op.register_autograd(_row_sums_grad, setup_context=_save)
 
 
 def product_softplus_row_sums(X: torch.Tensor, H: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
@@ -98,13 +122,5 @@ def product_softplus_row_sums(X: torch.Tensor, H: torch.Tensor, kernel: str = "a
     through torch. Scores of a dtype the kernel does not take (bf16 under autocast) are
     computed on in float32."""
     if kernel == "auto" and usable(X, H):
-        return _kernel_row_sums(X, H)
+        return _row_sums_op(X, H)[0]
     return F.softplus(X @ H.t()).sum(1)
-
-
-@torch.compiler.disable
-def _kernel_row_sums(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """The kernel path, run eagerly under ``runner.compile``: torch.compile must not trace
-    into numba (its dispatcher's first call for new argument types broke dynamo's
-    bytecode analysis), and a numba call is opaque to it anyway."""
-    return _ProductSoftplusRowSums.apply(X, H)
