@@ -34,6 +34,7 @@ import torch
 
 from common.jit import njit
 from common.vector_math import exp
+from utils.errors import UserError
 
 
 def scan_forward(x, dt, A, B, C, y):  # pragma: no cover - compiled by numba
@@ -118,6 +119,16 @@ def usable(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors) and available()
 
 
+def _compiled() -> Tuple[Any, Any]:
+    """The kernels, or one line saying what to do when numba is installed but does not
+    import (e.g. built for another NumPy)."""
+    kernels = _kernels()
+    if kernels is None:
+        raise UserError("CAGMH's scan kernel: numba is installed but does not import; repair it "
+                        "(pip install -U numba) or set model.scan_kernel: torch")
+    return kernels
+
+
 # The kernels as torch operators: opaque to torch.compile (it calls them, with the fake
 # implementations for shapes, and never traces into numba), differentiable through
 # the registered backward. Inputs are float32 and contiguous (``sequential_scan`` casts).
@@ -125,7 +136,7 @@ def usable(*tensors: torch.Tensor) -> bool:
 def _scan_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
              C: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(x)
-    _kernels()[0](*(v.detach().numpy() for v in (x, dt, A, B, C, y)))
+    _compiled()[0](*(v.detach().numpy() for v in (x, dt, A, B, C, y)))
     return y
 
 
@@ -139,7 +150,7 @@ def _scan_backward_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: tor
                       gy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     gx, gdt = torch.empty_like(x), torch.empty_like(dt)
     gA, gB, gC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
-    _kernels()[1](*(v.detach().numpy() for v in (x, dt, A, B, C, gy, gx, gdt, gA, gB, gC)))
+    _compiled()[1](*(v.detach().numpy() for v in (x, dt, A, B, C, gy, gx, gdt, gA, gB, gC)))
     return gx, gdt, gA, gB, gC
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from common.jit import njit
 from common.vector_math import exp, log_ratio
+from utils.errors import UserError
 
 
 def softplus_rows(theta, sums):  # pragma: no cover - compiled by numba
@@ -70,6 +71,16 @@ def usable(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors) and available()
 
 
+def _compiled() -> Any:
+    """The kernel, or one line saying what to do when numba is installed but does not
+    import (e.g. built for another NumPy)."""
+    kernel = _kernel()
+    if kernel is None:
+        raise UserError("SCAHN's softplus kernel: numba is installed but does not import; repair it "
+                        "(pip install -U numba) or set model.softplus_kernel: torch")
+    return kernel
+
+
 def _scores(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """``X H^T`` as the kernel reads it: in the matmul's dtype (bf16 under autocast)
     computed on in float32, contiguous."""
@@ -87,7 +98,7 @@ def _scores(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
 def _row_sums_op(X: torch.Tensor, H: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     sig = _scores(X, H)
     sums = np.empty(sig.shape[0], dtype=np.float64)
-    _kernel()(sig.numpy(), sums)  # sig holds the scores until the kernel overwrites them
+    _compiled()(sig.numpy(), sums)  # sig holds the scores until the kernel overwrites them
     return torch.from_numpy(sums).to(sig.dtype), sig
 
 

@@ -87,6 +87,15 @@ def test_scan_kernel_runs_eagerly_under_torch_compile(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_numba_that_does_not_import_is_one_line_naming_the_way_out(monkeypatch):
+    from utils.errors import UserError
+
+    monkeypatch.setattr(scan_kernel, "_NUMBA", True)
+    monkeypatch.setattr(scan_kernel, "_kernels", lambda: None)   # what njit gives when the import fails
+    with pytest.raises(UserError, match="numba is installed but does not import.*model.scan_kernel: torch"):
+        scan_kernel.sequential_scan(*scan_inputs(2))
+
+
 def test_scan_block_uses_the_kernel_on_cpu_and_matches_the_torch_loop(monkeypatch):
     if not scan_kernel.available():
         pytest.skip("numba is not installed: the PyTorch loop is the only path")

@@ -93,6 +93,15 @@ def test_kernel_runs_eagerly_under_torch_compile(monkeypatch):
     assert torch.equal(got, ref) and torch.equal(grad, ref_grad)
 
 
+def test_numba_that_does_not_import_is_one_line_naming_the_way_out(monkeypatch):
+    from utils.errors import UserError
+
+    monkeypatch.setattr(softplus_kernel, "_NUMBA", True)
+    monkeypatch.setattr(softplus_kernel, "_kernel", lambda: None)   # what njit gives when the import fails
+    with pytest.raises(UserError, match="numba is installed but does not import.*model.softplus_kernel: torch"):
+        product_softplus_row_sums(torch.randn(3, 2), torch.randn(4, 2))
+
+
 def test_helper_fingerprint_follows_the_helper_files(tmp_path, monkeypatch):
     for name, body in (("mod_a", "def f(x):\n    return x + 1\n"), ("mod_b", "def f(x):\n    return x + 2\n")):
         (tmp_path / f"{name}.py").write_text(body)
