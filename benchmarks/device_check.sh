@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The CUDA checks of this project in one run, sized for a short GPU lease (about 8
+# The CUDA checks of this project in one run, sized for a short GPU lease (at most 9
 # minutes on one GPU): the CUDA tests, bench_train.py in fp32 and bf16 with the naive
-# reference beside it, bench_map.py on CUDA tensors, and a two-process NCCL run when
-# the machine has two GPUs. Each stage has its own time limit and its own log, so one
+# reference beside it, bench_map.py on CUDA tensors, runner.compile (inductor, Triton)
+# on two small methods last, and a two-process NCCL run when the machine has two GPUs. Each stage has its own time limit and its own log, so one
 # failing stage leaves the others' figures. Logs go to $OUT (default device_out/).
 #
 # Prepare on a machine with the git history (the copy sent to a GPU machine has none):
@@ -40,6 +40,8 @@ stage bench_train_fp32 180 "$py" benchmarks/bench_train.py --device cuda --matmu
 stage bench_train_bf16 100 "$py" benchmarks/bench_train.py --device cuda --matmul 8192 --rounds 1 \
     --steps 50 --min-seconds 2 --amp bf16 --no-reference --json "$out/bench_train_bf16.json"
 stage bench_map 45 "$py" benchmarks/bench_map.py --device cuda --naive-queries 200
+stage bench_train_compile 60 "$py" benchmarks/bench_train.py --device cuda --matmul 8192 --rounds 1 \
+    --steps 50 --min-seconds 1 --compile --methods DCMHT DSPH --no-reference --json "$out/bench_train_compile.json"
 
 if [ "$("$py" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     run=/tmp/device_check_runs
