@@ -259,6 +259,9 @@ def make_step(args: argparse.Namespace, setup: Dict[str, Any]):
                 sums[k] = sums[k] + v if k in sums else v.clone()
         return step, "the runner's train_step (runners.continual)"
 
+    if args.compile:
+        raise SystemExit("--compile needs a checkout whose runner has train_step and training_module")
+
     def step(i: int, sums: Dict[str, Any]) -> None:
         loop_step(model, batch_at(i), setup["optimizers"], setup["scheduler"], setup["grad_clip"], sums, False)
     return step, "public pieces (runners.optim + model.loss, losses summed on the device)"
@@ -294,8 +297,6 @@ def run_worker(args: argparse.Namespace) -> None:
     if args.worker == "new" and args.amp != "off":
         kind += f" under runner.amp: {args.amp}"
     if args.worker == "new" and args.compile:
-        if "train_step" not in kind:
-            raise SystemExit("--compile needs a checkout whose runner has train_step and training_module")
         kind += " under runner.compile: true"
 
     from torch.utils.flop_counter import FlopCounterMode

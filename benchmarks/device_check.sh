@@ -2,8 +2,9 @@
 # The CUDA checks of this project in one run, sized for a short GPU lease (at most 9
 # minutes on one GPU): the CUDA tests, bench_train.py in fp32 and bf16 with the naive
 # reference beside it, bench_map.py on CUDA tensors, runner.compile (inductor, Triton)
-# on two small methods last, and a two-process NCCL run when the machine has two GPUs. Each stage has its own time limit and its own log, so one
-# failing stage leaves the others' figures. Logs go to $OUT (default device_out/).
+# on two small methods last, and a two-process NCCL run when the machine has two GPUs.
+# Each stage has its own time limit and its own log, so one failing stage leaves the
+# others' figures. Logs go to $OUT (default device_out/).
 #
 # Prepare on a machine with the git history (the copy sent to a GPU machine has none):
 #   mkdir -p .device_ref && git archive 4a05054 | tar -x -C .device_ref

@@ -8,9 +8,21 @@ kernels share lives in ``common.vector_math``.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import types
 from typing import Any, Callable, Dict, Iterable, Optional
+
+
+# Found once, at import, without importing numba (that import alone takes a while).
+_INSTALLED = importlib.util.find_spec("numba") is not None
+
+
+def installed() -> bool:
+    """Whether numba is installed: what a kernel's caller decides on, also while
+    torch.compile traces it (a module constant it reads, where ``njit`` would import
+    and compile)."""
+    return _INSTALLED
 
 
 def njit(fn: Callable, *, helpers: Iterable[Callable] = (), replace: Optional[Dict[str, str]] = None,

@@ -26,13 +26,12 @@ bit; tests/test_cagmh.py).
 from __future__ import annotations
 
 import functools
-import importlib.util
 from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
 
-from common.jit import njit
+from common.jit import installed, njit
 from common.vector_math import exp
 from utils.errors import UserError
 
@@ -103,15 +102,9 @@ def _kernels() -> Optional[Tuple[Any, Any]]:
     return None if forward is None else (forward, backward)
 
 
-# Whether numba is installed, decided once at import without importing it (the kernels
-# themselves compile on first use). A plain module constant, so torch.compile reads it
-# instead of tracing into numba.
-_NUMBA = importlib.util.find_spec("numba") is not None
-
-
 def available() -> bool:
     """Whether the kernels can run: numba is installed."""
-    return _NUMBA
+    return installed()
 
 
 def usable(*tensors: torch.Tensor) -> bool:

@@ -19,14 +19,13 @@ nothing shares or resets torch's OpenMP pool.
 from __future__ import annotations
 
 import functools
-import importlib.util
 from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.jit import njit
+from common.jit import installed, njit
 from common.vector_math import exp, log_ratio
 from utils.errors import UserError
 
@@ -55,15 +54,9 @@ def _kernel() -> Optional[Any]:
                 fastmath={"reassoc", "contract"}, error_model="numpy")
 
 
-# Whether numba is installed, decided once at import without importing it (the kernel
-# compiles on first use). A plain module constant, so torch.compile reads it instead of
-# tracing into numba.
-_NUMBA = importlib.util.find_spec("numba") is not None
-
-
 def available() -> bool:
     """Whether the kernel can run: numba is installed."""
-    return _NUMBA
+    return installed()
 
 
 def usable(*tensors: torch.Tensor) -> bool:

@@ -90,7 +90,7 @@ def test_scan_kernel_runs_eagerly_under_torch_compile(monkeypatch):
 def test_numba_that_does_not_import_is_one_line_naming_the_way_out(monkeypatch):
     from utils.errors import UserError
 
-    monkeypatch.setattr(scan_kernel, "_NUMBA", True)
+    monkeypatch.setattr(scan_kernel, "available", lambda: True)   # numba found
     monkeypatch.setattr(scan_kernel, "_kernels", lambda: None)   # what njit gives when the import fails
     with pytest.raises(UserError, match="numba is installed but does not import.*model.scan_kernel: torch"):
         scan_kernel.sequential_scan(*scan_inputs(2))

@@ -96,7 +96,7 @@ def test_kernel_runs_eagerly_under_torch_compile(monkeypatch):
 def test_numba_that_does_not_import_is_one_line_naming_the_way_out(monkeypatch):
     from utils.errors import UserError
 
-    monkeypatch.setattr(softplus_kernel, "_NUMBA", True)
+    monkeypatch.setattr(softplus_kernel, "available", lambda: True)   # numba found
     monkeypatch.setattr(softplus_kernel, "_kernel", lambda: None)   # what njit gives when the import fails
     with pytest.raises(UserError, match="numba is installed but does not import.*model.softplus_kernel: torch"):
         product_softplus_row_sums(torch.randn(3, 2), torch.randn(4, 2))
