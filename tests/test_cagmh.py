@@ -41,11 +41,11 @@ def scan_inputs(L, b=3, d=5, n=4, seed=0):
     return x, dt, A, B, C
 
 
-@pytest.mark.parametrize("L", [1, 2, 8])
-def test_compiled_scan_kernel_equals_the_pytorch_loop_values_and_gradients(L):
+@pytest.mark.parametrize("L, d, n", [(1, 5, 4), (2, 5, 4), (8, 5, 4), (3, 37, 16)])
+def test_compiled_scan_kernel_equals_the_pytorch_loop_values_and_gradients(L, d, n):
     if not scan_kernel.available():
         pytest.skip("numba is not installed: the PyTorch loop is the only path")
-    inputs = scan_inputs(L)
+    inputs = scan_inputs(L, d=d, n=n)   # 37 channels: full vectors and a remainder
     D = torch.zeros(inputs[0].shape[-1])
     ref_in = [v.clone().requires_grad_() for v in inputs]
     ker_in = [v.clone().requires_grad_() for v in inputs]
