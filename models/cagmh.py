@@ -60,6 +60,7 @@ from torch import nn
 
 from common.register import MODELS
 from models.base import Batch, HashModel
+from models.dropout import Dropout
 from models.dsph import DSPHHead, HyPProxyLoss
 from models.selective_scan import SelectiveScanBlock
 
@@ -103,7 +104,7 @@ class CAGMHHead(nn.Module):
     def __init__(self, in_dim: int, hidden: int, bits: int, dropout: float) -> None:
         super().__init__()
         self.hidden = nn.Linear(in_dim, hidden)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.out = DSPHHead(hidden, bits, dropout=0.0)
 
     def forward(self, z: torch.Tensor):

@@ -21,6 +21,7 @@ from torch import nn
 
 from common.register import MODELS
 from models.base import Batch, HashModel
+from models.dropout import Dropout
 
 
 def proxy_margin(bits: int, num_classes: int) -> float:
@@ -47,7 +48,7 @@ class DSPHHead(nn.Module):
     def __init__(self, in_dim: int, bits: int, dropout: float = 0.2) -> None:
         super().__init__()
         self.linear = nn.Linear(in_dim, bits)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.dropout(self.linear(x)))
