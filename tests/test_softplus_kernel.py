@@ -71,6 +71,38 @@ def test_bf16_scores_are_computed_in_float32_and_kernel_torch_is_plain_torch():
 
 
 @needs_kernel
+def test_under_autocast_the_backward_matmuls_run_in_bf16_like_torchs():
+    """Autocast's policy for the operator's matmuls, backward included: bf16 operands,
+    a float32 gradient for a float32 leaf, close to the gradient of torch's own path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.mm.default:
+                self.seen.append({a.dtype for a in args})
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(200, 16, generator=g)
+    H = torch.randn(24, 16, generator=g, requires_grad=True)
+    up = torch.randn(200, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = product_softplus_row_sums(X, H)
+        ref = F.softplus(X @ H.t()).sum(1)
+    mode = MatmulDtypes()
+    with mode:
+        (grad,) = torch.autograd.grad((got * up).sum(), H)
+    (ref_grad,) = torch.autograd.grad((ref.float() * up).sum(), H)
+    assert mode.seen == [{torch.bfloat16}]
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, ref_grad, rtol=0.02, atol=0.05 * ref_grad.abs().max().item())
+
+
+@needs_kernel
 def test_kernel_runs_eagerly_under_torch_compile(monkeypatch):
     """Under ``runner.compile`` the numba call runs eagerly, not traced by torch.compile
     (tracing into numba's dispatcher broke dynamo on a first call for new argument
