@@ -137,7 +137,9 @@ def product_softplus_row_sums(X: torch.Tensor, H: torch.Tensor, kernel: str = "a
         if torch.is_autocast_enabled(device):
             # cast as autocast casts a matmul's inputs: the operator's backward then runs
             # its two matmuls in bf16 too (about 1 ms less per call at SCAHN's coco.yaml
-            # sizes than in float32), and the casts carry the gradient back to float32
+            # sizes than in float32), and the casts carry the gradient back to float32.
+            # Not torch.library.register_autocast: it casts to one fixed dtype, where this
+            # follows the region's (bf16 or fp16) and leaves float64 alone, as autocast does
             low = torch.get_autocast_dtype(device)
             X, H = (t.to(low) if t.dtype == torch.float32 else t for t in (X, H))
         return _row_sums_op(X, H)[0]
