@@ -38,6 +38,7 @@ from torch import nn
 
 from common.register import MODELS
 from models.base import Batch, HashModel
+from models.losses import label_overlap
 
 
 class SoftmaxHashHead(nn.Module):
@@ -121,7 +122,7 @@ class DCMHT(HashModel):
         p_txt = self.text_head(batch.text)
         a, b = p_img.flatten(1), p_txt.flatten(1)
         labels = batch.labels.float()
-        sim = ((labels @ labels.t()) > 0).float()
+        sim = label_overlap(labels, labels)
         parts: Dict[str, torch.Tensor] = {}
         total = a.new_zeros(())
         for name, (u, v) in {"i2t": (a, b), "i2i": (a, a), "t2t": (b, b)}.items():

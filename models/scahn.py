@@ -74,6 +74,7 @@ from torch import nn
 
 from common.register import MODELS
 from models.base import Batch, HashModel
+from models.losses import label_overlap
 from models.softplus_kernel import product_softplus_row_sums
 
 MODALITIES = ("image", "text")
@@ -269,8 +270,8 @@ class SCAHN(HashModel):
         self.buffer_text[idx] = h_t.detach().to(self.buffer_text.dtype)
         Fb, Gb = self.buffer_image, self.buffer_text
         labels = batch.labels.float()
-        sim_all = ((labels @ self.train_labels.t()) > 0).float()
-        sim_batch = ((labels @ labels.t()) > 0).float()
+        sim_all = label_overlap(labels, self.train_labels)
+        sim_batch = label_overlap(labels, labels)
         a = self.alpha
         all_i, all_t = outs_i + [h_i], outs_t + [h_t]
         (img_vs_f, img_vs_g), (txt_vs_f, txt_vs_g) = buffer_likelihoods(

@@ -154,3 +154,21 @@ def test_softplus_kernel_and_torch_give_the_same_loss_and_bad_value_is_refused()
         torch.testing.assert_close(losses[0][key], losses[1][key], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="softplus_kernel"):
         make(softplus_kernel="numba")
+
+
+def test_label_overlap_equals_the_shared_label_test_in_fp32_and_under_autocast():
+    """SCAHN's and DCMHT's similarity targets: 1 exactly where two rows share a label."""
+    from models.losses import label_overlap
+
+    g = torch.Generator().manual_seed(0)
+    a = (torch.rand(37, 24, generator=g) < 0.1).float()
+    b = (torch.rand(53, 24, generator=g) < 0.1).float()
+    a[3], b[7] = 0, 0                                    # rows with no label share none
+    brute = torch.tensor([[float(any(x > 0 and y > 0 for x, y in zip(r, s))) for s in b.tolist()] for r in a.tolist()])
+    assert brute[3].sum() == 0 and 0 < brute.sum() < brute.numel()
+    for labels_a, labels_b in ((a, b), (a.long(), b.long())):
+        out = label_overlap(labels_a, labels_b)
+        assert out.dtype == torch.float32 and torch.equal(out, brute)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = label_overlap(a, b)
+    assert out.dtype == torch.float32 and torch.equal(out, brute)
