@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import scan_kernel
+from models import scan_kernel, softplus_kernel
 
 
 def selective_scan_sequential(
@@ -124,11 +124,13 @@ class SelectiveScanBlock(nn.Module):
         x, z = self.in_proj(tokens).chunk(2, dim=-1)                     # (b, L, d_inner) each
         x = F.silu(causal_depthwise_conv(x, self.conv.weight, self.conv.bias))
         dt, Bm, Cm = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt))
         A = -torch.exp(self.A_log)
         if self.scan == "sequential" and self.kernel == "auto" and scan_kernel.usable(x):
+            # with the scan kernel, softplus from its compiled counterpart (float32, correctly
+            # rounded; torch's CPU softplus is a scalar loop); kernel: torch keeps torch's
+            dt = softplus_kernel.softplus(self.dt_proj(dt))
             y = scan_kernel.sequential_scan(x, dt, A, Bm, Cm) + x * self.D
         else:
             scan = selective_scan_parallel if self.scan == "parallel" else selective_scan_sequential
-            y = scan(x, dt, A, Bm, Cm, self.D)
+            y = scan(x, F.softplus(self.dt_proj(dt)), A, Bm, Cm, self.D)
         return self.out_proj(y * F.silu(z))

@@ -1,4 +1,5 @@
-"""Row sums of softplus and their gradient in one pass: a compiled CPU kernel (numba).
+"""Row sums of softplus and their gradient in one pass: a compiled CPU kernel (numba);
+and softplus itself, elementwise, from the same formula (``softplus``).
 
 SCAHN's likelihood terms take ``softplus`` of every (train row, batch output) score,
 about a million per modality and step. On the CPU, torch's softplus calls a scalar
@@ -19,7 +20,7 @@ nothing shares or resets torch's OpenMP pool.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -46,11 +47,30 @@ def softplus_rows(theta, sums):  # pragma: no cover - compiled by numba
         sums[i] = acc
 
 
+def softplus_elements(x, out):  # pragma: no cover - compiled by numba
+    """``out[i] = softplus(x[i])`` (float64, rounded once) for flat arrays; ``x`` is
+    overwritten with ``sigmoid(x)``, the gradient. ``softplus_rows``' formula, per element."""
+    for i in range(x.shape[0]):
+        v = np.float64(x[i])
+        u = exp(-abs(v))
+        d = 1.0 / ((1.0 + u) * (2.0 + u))
+        r = (2.0 + u) * d
+        out[i] = max(v, 0.0) + log_ratio(u * (1.0 + u) * d)
+        x[i] = r if v >= 0.0 else u * r
+
+
 @functools.lru_cache(maxsize=1)
 def _kernel() -> Optional[Any]:
     """The compiled kernel (lazily, cached on disk where possible); None without numba.
     ``reassoc`` lets LLVM vectorise the row sum; NaN and infinity keep their meaning."""
     return njit(softplus_rows, helpers=(exp, log_ratio), nogil=True,
+                fastmath={"reassoc", "contract"}, error_model="numpy")
+
+
+@functools.lru_cache(maxsize=1)
+def _elements_kernel() -> Optional[Any]:
+    """The compiled elementwise kernel (as ``_kernel``); None without numba."""
+    return njit(softplus_elements, helpers=(exp, log_ratio), nogil=True,
                 fastmath={"reassoc", "contract"}, error_model="numpy")
 
 
@@ -64,13 +84,13 @@ def usable(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors) and available()
 
 
-def _compiled() -> Any:
-    """The kernel, or one line saying what to do when numba is installed but does not
-    import (e.g. built for another NumPy)."""
-    kernel = _kernel()
+def _compiled(build: Callable[[], Optional[Any]], user: str, key: str) -> Any:
+    """The kernel ``build`` makes, or one line saying what to do when numba is installed
+    but does not import (e.g. built for another NumPy): repair it or set config ``key``."""
+    kernel = build()
     if kernel is None:
-        raise UserError("SCAHN's softplus kernel: numba is installed but does not import; repair it "
-                        "(pip install -U numba) or set model.softplus_kernel: torch")
+        raise UserError(f"{user}: numba is installed but does not import; repair it "
+                        f"(pip install -U numba) or set {key}: torch")
     return kernel
 
 
@@ -91,7 +111,8 @@ def _scores(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
 def _row_sums_op(X: torch.Tensor, H: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     sig = _scores(X, H)
     sums = np.empty(sig.shape[0], dtype=np.float64)
-    _compiled()(sig.numpy(), sums)  # sig holds the scores until the kernel overwrites them
+    kernel = _compiled(_kernel, "SCAHN's softplus kernel", "model.softplus_kernel")
+    kernel(sig.numpy(), sums)  # sig holds the scores until the kernel overwrites them
     return torch.from_numpy(sums).to(sig.dtype), sig
 
 
@@ -144,3 +165,46 @@ def product_softplus_row_sums(X: torch.Tensor, H: torch.Tensor, kernel: str = "a
             X, H = (t.to(low) if t.dtype == torch.float32 else t for t in (X, H))
         return _row_sums_op(X, H)[0]
     return F.softplus(X @ H.t()).sum(1)
+
+
+# ``F.softplus(x)`` (beta 1) as a torch operator, like the row sums above: the output in
+# float32 and the sigmoid kept for the backward, one pass, where torch's CPU softplus
+# calls a scalar ``log1p`` per element (CAGMH's step sizes ``dt`` with it: 1.3 ms per
+# call at its coco.yaml sizes, a few per cent of the step). torch returns ``x`` itself
+# above its threshold 20; so does this (``x + log(1 + e^-x)`` rounds to ``x`` there).
+@torch.library.custom_op("ccmh::softplus", mutates_args=())
+def _softplus_op(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    sig = x.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    out = torch.empty_like(sig)
+    kernel = _compiled(_elements_kernel, "CAGMH's softplus kernel", "model.scan_kernel")
+    kernel(sig.view(-1).numpy(), out.view(-1).numpy())
+    return out, sig
+
+
+@_softplus_op.register_fake
+def _(x):
+    return torch.empty_like(x, dtype=torch.float32), torch.empty_like(x, dtype=torch.float32)
+
+
+def _save_sigmoid(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[1])
+
+
+def _softplus_grad(ctx, grad, _grad_sig):
+    (sig,) = ctx.saved_tensors
+    return None if grad is None else grad * sig
+
+
+_softplus_op.register_autograd(_softplus_grad, setup_context=_save_sigmoid)
+
+
+def softplus(x: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+    """``F.softplus(x)``: through the kernel where it can run (``kernel="auto"``; the
+    result in float32, whatever float dtype ``x`` has, e.g. bf16 under autocast), else
+    (or with ``kernel="torch"``) torch's. Values are the correctly rounded float32 of
+    softplus where torch's differ in the last bit on about a tenth of inputs."""
+    if kernel == "auto" and usable(x):
+        return _softplus_op(x)[0]
+    return F.softplus(x)

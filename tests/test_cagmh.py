@@ -4,7 +4,7 @@ import torch
 
 from common.register import MODELS
 from models.cagmh import CAGMH, covariance_guidance, hadamard_centres
-from models import scan_kernel
+from models import scan_kernel, softplus_kernel
 from models.selective_scan import (
     SelectiveScanBlock, causal_depthwise_conv, selective_scan_parallel, selective_scan_sequential,
 )
@@ -105,10 +105,11 @@ def test_scan_block_uses_the_kernel_on_cpu_and_matches_the_torch_loop(monkeypatc
     slow.load_state_dict(fast.state_dict())
     tokens = torch.randn(6, 5, 8)
     calls = []
-    real = scan_kernel.sequential_scan
-    monkeypatch.setattr(scan_kernel, "sequential_scan", lambda *a: calls.append(1) or real(*a))
+    real, real_softplus = scan_kernel.sequential_scan, softplus_kernel.softplus
+    monkeypatch.setattr(scan_kernel, "sequential_scan", lambda *a: calls.append("scan") or real(*a))
+    monkeypatch.setattr(softplus_kernel, "softplus", lambda *a: calls.append("softplus") or real_softplus(*a))
     y_fast = fast(tokens)
-    assert calls
+    assert calls == ["softplus", "scan"]
     y_slow = slow(tokens)
     torch.testing.assert_close(y_fast, y_slow, atol=1e-5, rtol=1e-5)
     y_fast.square().sum().backward()

@@ -1,4 +1,5 @@
-"""The softplus row-sum kernel, the polynomials it is built from, and the compile helper."""
+"""The softplus row-sum and elementwise kernels, the polynomials they are built from, and
+the compile helper."""
 import numpy as np
 import pytest
 import torch
@@ -153,3 +154,50 @@ def test_njit_is_none_without_numba(monkeypatch):
     monkeypatch.setattr(builtins, "__import__",
                         lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "numba" else real(name, *a, **k))
     assert jit.njit(vector_math.exp) is None
+
+
+@needs_kernel
+def test_elementwise_softplus_is_correctly_rounded_and_its_gradient_is_the_sigmoid():
+    x = torch.linspace(-110.0, 110.0, 40001)
+    kept = x.clone()
+    got = softplus_kernel.softplus(x)
+    assert torch.equal(x, kept)                                   # the input is not overwritten
+    assert torch.equal(got, F.softplus(x.double()).float())       # correctly rounded everywhere here
+    assert torch.equal(got[x > 20], x[x > 20])                    # torch's threshold: x itself
+    special = softplus_kernel.softplus(torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0]))
+    assert torch.isnan(special[0]) and special[1] == float("inf") and special[2] == 0.0
+    assert special[3] == pytest.approx(np.log(2.0), rel=1e-7)
+    z = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)).mul(8).requires_grad_()
+    up = torch.randn(3, 50)
+    (grad,) = torch.autograd.grad((softplus_kernel.softplus(z) * up).sum(), z)
+    torch.testing.assert_close(grad, up * torch.sigmoid(z.detach()), rtol=2.4e-7, atol=1e-30)
+
+
+@needs_kernel
+def test_elementwise_softplus_of_bf16_is_float32_and_kernel_torch_is_torchs():
+    x = torch.randn(40, 7, generator=torch.Generator().manual_seed(2)).bfloat16().requires_grad_()
+    out = softplus_kernel.softplus(x)
+    assert out.dtype == torch.float32 and torch.equal(out, F.softplus(x.detach().double()).float())
+    out.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    assert torch.equal(softplus_kernel.softplus(x.detach(), kernel="torch"), F.softplus(x.detach()))
+
+
+@needs_kernel
+def test_elementwise_softplus_runs_eagerly_under_torch_compile():
+    x = torch.randn(5, 9, requires_grad=True)
+    compiled = torch.compile(lambda t: softplus_kernel.softplus(t).square().sum(), backend="eager")
+    got = compiled(x)
+    (grad,) = torch.autograd.grad(got, x)
+    ref = softplus_kernel.softplus(x).square().sum()
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    assert torch.equal(got, ref) and torch.equal(grad, ref_grad)
+
+
+def test_elementwise_numba_that_does_not_import_names_the_scan_kernel_key(monkeypatch):
+    from utils.errors import UserError
+
+    monkeypatch.setattr(softplus_kernel, "available", lambda: True)
+    monkeypatch.setattr(softplus_kernel, "_elements_kernel", lambda: None)
+    with pytest.raises(UserError, match="numba is installed but does not import.*model.scan_kernel: torch"):
+        softplus_kernel.softplus(torch.randn(3))
