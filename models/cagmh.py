@@ -13,8 +13,10 @@ that sample and modality alone, which retrieval requires):
   (``scan: sequential``, the default, loops over the few tokens and is the faster on
   CPU; ``scan: parallel`` is an associative prefix scan with the same results). On the
   CPU the sequential scan runs as a compiled numba kernel with a hand-written backward
-  (``models/scan_kernel.py``; ``scan_kernel: torch`` keeps the PyTorch loop): the same
-  values up to float rounding, in about half the time of autograd over the loop.
+  (``models/scan_kernel.py``) and the softplus of its step sizes as another
+  (``models/softplus_kernel.py``); ``scan_kernel: torch`` keeps the PyTorch loop and
+  torch's softplus: the same values up to float rounding, in about half the time of
+  autograd over the loop.
 - The public scan runs over the *batch* axis of ``[I || T]`` (the batch is the
   sequence), so a code depends on its batch-mates and on its paired caption. Here each
   modality is encoded alone: a learned linear tokenizer turns its feature into
