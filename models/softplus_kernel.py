@@ -201,10 +201,11 @@ _softplus_op.register_autograd(_softplus_grad, setup_context=_save_sigmoid)
 
 
 def softplus(x: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
-    """``F.softplus(x)``: through the kernel where it can run (``kernel="auto"``; the
-    result in float32, whatever float dtype ``x`` has, e.g. bf16 under autocast), else
-    (or with ``kernel="torch"``) torch's. Values are the correctly rounded float32 of
-    softplus where torch's differ in the last bit on about a tenth of inputs."""
-    if kernel == "auto" and usable(x):
+    """``F.softplus(x)``: through the kernel where it can run (``kernel="auto"``, a
+    float32 or lower-precision ``x``; the result in float32, e.g. for bf16 under
+    autocast), else (float64, or ``kernel="torch"``) torch's. Values are the correctly
+    rounded float32 of softplus where torch's differ in the last bit on about a tenth of
+    inputs."""
+    if kernel == "auto" and x.dtype != torch.float64 and usable(x):
         return _softplus_op(x)[0]
     return F.softplus(x)

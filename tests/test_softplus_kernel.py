@@ -174,13 +174,15 @@ def test_elementwise_softplus_is_correctly_rounded_and_its_gradient_is_the_sigmo
 
 
 @needs_kernel
-def test_elementwise_softplus_of_bf16_is_float32_and_kernel_torch_is_torchs():
+def test_elementwise_softplus_of_bf16_is_float32_and_float64_or_kernel_torch_is_torchs():
     x = torch.randn(40, 7, generator=torch.Generator().manual_seed(2)).bfloat16().requires_grad_()
     out = softplus_kernel.softplus(x)
     assert out.dtype == torch.float32 and torch.equal(out, F.softplus(x.detach().double()).float())
     out.sum().backward()
     assert x.grad.dtype == torch.bfloat16
     assert torch.equal(softplus_kernel.softplus(x.detach(), kernel="torch"), F.softplus(x.detach()))
+    wide = x.detach().double()
+    assert torch.equal(softplus_kernel.softplus(wide), F.softplus(wide))   # float64 keeps its precision
 
 
 @needs_kernel
