@@ -59,19 +59,24 @@ def softplus_elements(x, out):  # pragma: no cover - compiled by numba
         x[i] = r if v >= 0.0 else u * r
 
 
+def _build(kernel) -> Optional[Any]:
+    """``kernel`` compiled with both kernels' options (lazily, cached on disk where
+    possible); None without numba. ``reassoc`` lets LLVM vectorise the row sum; NaN and
+    infinity keep their meaning."""
+    return njit(kernel, helpers=(exp, log_ratio), nogil=True,
+                fastmath={"reassoc", "contract"}, error_model="numpy")
+
+
 @functools.lru_cache(maxsize=1)
 def _kernel() -> Optional[Any]:
-    """The compiled kernel (lazily, cached on disk where possible); None without numba.
-    ``reassoc`` lets LLVM vectorise the row sum; NaN and infinity keep their meaning."""
-    return njit(softplus_rows, helpers=(exp, log_ratio), nogil=True,
-                fastmath={"reassoc", "contract"}, error_model="numpy")
+    """The compiled row-sum kernel; None without numba."""
+    return _build(softplus_rows)
 
 
 @functools.lru_cache(maxsize=1)
 def _elements_kernel() -> Optional[Any]:
-    """The compiled elementwise kernel (as ``_kernel``); None without numba."""
-    return njit(softplus_elements, helpers=(exp, log_ratio), nogil=True,
-                fastmath={"reassoc", "contract"}, error_model="numpy")
+    """The compiled elementwise kernel; None without numba."""
+    return _build(softplus_elements)
 
 
 def available() -> bool:
